@@ -1,0 +1,216 @@
+"""``predict``: the infinite-width theory of a residual network at initialisation."""
+import math
+
+import numpy as np
+
+from . import _checks
+from .layers import MATH, NUMPY, backward_gain, run
+from .profile import Profile, Stats
+from .schemes import Plan, get_scheme
+
+_NAN = math.nan
+
+
+def make_plan(depth, stages=None, project_first=True, layers=2):
+    """Check ``depth``/``stages`` and mark the blocks that begin a stage with a projection."""
+    depth = _checks.positive_int("depth", depth)
+    layers = _checks.positive_int("layers", layers)
+    projection = np.zeros(depth, dtype=bool)
+    if stages is not None:
+        try:
+            stages = tuple(stages)
+        except TypeError:
+            raise TypeError(f"stages must be a sequence of positive ints summing to depth={depth}, "
+                            f"got {stages!r}") from None
+        for i, n in enumerate(stages):
+            _checks.positive_int(f"stages[{i}]", n)
+        if sum(stages) != depth:
+            raise ValueError(f"stages must sum to depth={depth}, got {stages!r} (sum {sum(stages)})")
+        starts = np.cumsum((0,) + stages[:-1])
+        projection[starts if project_first else starts[1:]] = True
+    return Plan(depth=depth, projection=projection, stages=stages, layers=layers)
+
+
+def predict(depth, scheme="batchnorm", *, stages=None, project_first=True, layers=2,
+            input_second_moment=1.0, input_squared_mean=0.0, **params):
+    """Predict per-block signal propagation at initialisation in the infinite-width limit.
+
+    Args:
+        depth: number of residual blocks D (a positive int).
+        scheme: a registered scheme name (see :func:`propagation.schemes`).
+        stages: block counts per stage, summing to ``depth`` (e.g. (3, 4, 6, 3) for
+            ResNet-50-V2). Each stage begins with a projection-shortcut block; with
+            ``project_first=False`` the first stage does not (CIFAR-style ResNets).
+        layers: weight layers per residual branch: 2 (basic block, MLP) or 3 (bottleneck).
+        input_second_moment, input_squared_mean: the state of x_0, the input of block 0
+            (default: i.i.d. N(0, 1) input, i.e. 1 and 0).
+        **params: the scheme's own parameters (e.g. ``alpha`` for skipinit and nf).
+
+    Returns:
+        A :class:`Profile` with ``skip`` (D + 1,), ``branch`` (D,), ``grad`` (D + 1,) and
+        ``downscale`` (D,). Values are float64, computed in log2 space; ``log2_*`` fields hold
+        them exactly where the linear ones overflow.
+
+    The recursion is the two-point mean-field theory of ../shared/THEORY.md, corrected where
+    noted in README.md (Scaled-WS correlations, backward gains of standardised layers).
+    """
+    spec = get_scheme(scheme)
+    plan = make_plan(depth, stages, project_first, layers)
+    clean = spec.defaults()
+    for name, value in params.items():
+        if name not in spec.params:
+            allowed = ", ".join(spec.params) or "none"
+            raise TypeError(f"scheme {spec.name!r} takes no parameter {name!r} (its parameters: "
+                            f"{allowed})" + _checks.close_names(name, spec.params))
+        clean[name] = spec.params[name].clean(name, value)
+    q0 = _checks.finite_float("input_second_moment", input_second_moment, low=0.0)
+    if q0 == 0.0:
+        raise ValueError("input_second_moment must be > 0, got 0.0")
+    m0 = _checks.finite_float("input_squared_mean", input_squared_mean, low=0.0, high=q0)
+    block = spec.build(plan, **clean)
+
+    lq0, e0 = math.log2(q0), (q0 - m0) / q0
+    lq_x, e_x = _block_inputs(block, plan, lq0, e0)
+    prof = _profile(block, plan, lq_x, e_x)
+    return Profile(skip=prof[0], branch=prof[1], grad=prof[2], depth=plan.depth,
+                   projection=plan.projection, source="theory", scheme=spec.name,
+                   params={**clean, **({"stages": list(plan.stages)} if plan.stages else {}),
+                           **({"layers": layers} if layers != 2 else {})},
+                   meta={"input_second_moment": q0, "input_squared_mean": m0})
+
+
+def _merge(lq_s, e_s, lq_b, e_b, B):
+    """State of skip + branch for independent operands: second moments and variances add."""
+    if B is MATH:
+        if lq_b > lq_s:
+            lq_s, e_s, lq_b, e_b = lq_b, e_b, lq_s, e_s
+        if lq_s == -math.inf:
+            return lq_s, e_s
+        w = 2.0 ** (lq_b - lq_s)
+        return lq_s + math.log2(1.0 + w), (e_s + w * e_b) / (1.0 + w)
+    hi = np.maximum(lq_s, lq_b)
+    with np.errstate(invalid="ignore"):
+        ws = np.where(np.isneginf(hi), 1.0, np.exp2(lq_s - hi))
+        wb = np.where(np.isneginf(hi), 0.0, np.exp2(lq_b - hi))
+    return hi + np.log2(ws + wb), (ws * e_s + wb * e_b) / (ws + wb)
+
+
+def _block_inputs(block, plan, lq0, e0):
+    """States (lq, e) of every block input x_0 .. x_{D-1} (arrays of shape (D,))."""
+    proj = plan.projection
+    branch_chain = block.pre + block.branch
+    proj_chain = block.pre + block.projection
+    if (not block.post and block.skip_gain == 1.0 and block.chain_resets(branch_chain)
+            and (not proj.any() or block.chain_resets(proj_chain))):
+        return _block_inputs_reset(block, plan, lq0, e0)
+    return _block_inputs_scan(block, plan, lq0, e0)
+
+
+def _block_inputs_reset(block, plan, lq0, e0):
+    """Vectorised path: every branch output is independent of the block input (a norm layer
+    resets it), so the skip path is a running sum of second moments and variances,
+    restarted at each projection block."""
+    D, proj = plan.depth, plan.projection
+    idx = np.arange(D)
+    ones = np.zeros(D)
+    lq_b, e_b = run(block.pre + block.branch, ones, ones + 1.0, idx, NUMPY)
+    lq_p, e_p = run(block.pre + block.projection, ones, ones + 1.0, idx, NUMPY)
+    q_b, v_b = np.exp2(lq_b), np.exp2(lq_b) * e_b
+    # increment[l] is added to x_l to give x_{l+1}; a projection block replaces x_l by p_l.
+    q_inc = q_b + np.where(proj, np.exp2(lq_p), 0.0)
+    v_inc = v_b + np.where(proj, np.exp2(lq_p) * e_p, 0.0)
+    q_start, v_start = 2.0 ** lq0, 2.0 ** lq0 * e0
+    seg = np.maximum.accumulate(np.where(proj, idx, -1))  # last projection at or before l
+    q_cum, v_cum = np.cumsum(q_inc), np.cumsum(v_inc)
+    # x_{l+1} = (x_0 if no projection yet) + sum of increments since the last projection.
+    base_q = np.where(seg >= 0, q_cum[np.maximum(seg, 0)] - q_inc[np.maximum(seg, 0)], -q_start)
+    base_v = np.where(seg >= 0, v_cum[np.maximum(seg, 0)] - v_inc[np.maximum(seg, 0)], -v_start)
+    q_next, v_next = q_cum - base_q, v_cum - base_v
+    q_x = np.concatenate(([q_start], q_next[:-1]))
+    v_x = np.concatenate(([v_start], v_next[:-1]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log2(q_x), np.where(q_x > 0, v_x / q_x, 1.0)
+
+
+def _block_inputs_scan(block, plan, lq0, e0):
+    """General path: the block recursion, one block at a time, in (log2 q, 1 - rho).
+
+    This loop is the only sequential part of ``predict``; it keeps to floats and the
+    ``math`` module (a NumPy call per step would cost more than the arithmetic).
+    """
+    D = plan.depth
+    proj = plan.projection.tolist()
+    pre = [layer.forward for layer in block.pre]
+    branch = [layer.forward for layer in block.branch]
+    projection = [layer.forward for layer in block.projection]
+    post = [layer.forward for layer in block.post]
+    lg_skip = 2.0 * math.log2(block.skip_gain) if block.skip_gain > 0 else -math.inf
+    lq_x, e_x = [0.0] * D, [0.0] * D
+    lq, e = lq0, e0
+    log2, neg_inf = math.log2, -math.inf
+    for l in range(D):
+        lq_x[l] = lq
+        e_x[l] = e
+        for f in pre:
+            lq, e = f(lq, e, l, MATH)
+        lq_b, e_b = lq, e
+        for f in branch:
+            lq_b, e_b = f(lq_b, e_b, l, MATH)
+        if proj[l]:
+            for f in projection:
+                lq, e = f(lq, e, l, MATH)
+        else:
+            lq, e = lq_x[l] + lg_skip, e_x[l]
+        # merge (see _merge): second moments and variances of independent operands add
+        if lq_b > lq:
+            lq, e, lq_b, e_b = lq_b, e_b, lq, e
+        if lq != neg_inf:
+            w = 2.0 ** (lq_b - lq)
+            lq, e = lq + log2(1.0 + w), (e + w * e_b) / (1.0 + w)
+        for f in post:
+            lq, e = f(lq, e, l, MATH)
+    return np.array(lq_x), np.array(e_x)
+
+
+def _full(D, *arrays):
+    """Broadcast per-block values (0-d where a chain was constant) to shape (D,)."""
+    return tuple(np.broadcast_to(np.asarray(a, dtype=np.float64), (D,)) for a in arrays)
+
+
+def _stats(lq, e):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return Stats(lq, lq + np.log2(np.maximum(1.0 - e, 0.0)), lq + np.log2(e))
+
+
+def _profile(block, plan, lq_x, e_x):
+    """Everything else, vectorised over blocks, from the block-input states."""
+    D, proj = plan.depth, plan.projection
+    idx = np.arange(D)
+    lq_p, e_p = run(block.pre, lq_x, e_x, idx, NUMPY)
+    lq_b, e_b = _full(D, *run(block.branch, lq_p, e_p, idx, NUMPY))
+    lq_pr, e_pr = run(block.projection, lq_p, e_p, idx, NUMPY)
+    with np.errstate(divide="ignore"):
+        lg_skip = 2.0 * np.log2(block.skip_gain)
+    lq_s = np.where(proj, lq_pr, lq_x + lg_skip)
+    e_s = np.where(proj, e_pr, e_x)
+    lq_y, e_y = _merge(lq_s, e_s, lq_b, e_b, NUMPY)
+
+    # Backward, in log2 squared-norm gains. a[l]: from the merge output y_l to the input x_l.
+    g_pre = backward_gain(block.pre, lq_x, e_x, idx, NUMPY)
+    g_branch = backward_gain(block.branch, lq_p, e_p, idx, NUMPY)
+    g_proj = backward_gain(block.projection, lq_p, e_p, idx, NUMPY)
+    a = _full(D, np.where(proj, g_pre + np.logaddexp2(g_branch, g_proj),
+                 np.logaddexp2(lg_skip, g_pre + g_branch)))[0]
+    g_post = _full(D, backward_gain(block.post, lq_y, e_y, idx, NUMPY))[0]
+    # log2 G at x_l = sum_{k >= l} a[k] + sum_{k >= l, k < D-1} g_post[k]  (G at y_{D-1} = 1).
+    steps = a + np.concatenate((g_post[:-1], [0.0]))
+    g_x = np.cumsum(steps[::-1])[::-1]
+    g_y = g_x - a
+    # The skip operand is the block input itself only for an identity shortcut with gain 1;
+    # otherwise it is a new tensor whose gradient is the merge output's.
+    g_skip = np.where(~proj & (block.skip_gain == 1.0), g_x, g_y)
+    nan = np.full(D + 1, np.nan)
+    skip = _stats(np.append(lq_s, lq_y[-1]), np.append(e_s, e_y[-1]))
+    branch = _stats(lq_b, e_b)
+    grad = Stats(np.append(g_skip, 0.0), nan, nan.copy())
+    return skip, branch, grad

@@ -1,0 +1,158 @@
+"""The public contract of ``predict``, generic invariants over the registry, bad input."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import propagation
+from propagation import predict
+from propagation.layers import Block, ReLUWeight
+from propagation.predict import _block_inputs_reset, _block_inputs_scan, make_plan
+from propagation.schemes import get_scheme
+
+from conftest import scheme_cases
+
+# Float64 round-off over a few hundred additions/log2 conversions stays below 1e-12.
+TIGHT = 1e-12
+
+
+@pytest.mark.parametrize("name, params", scheme_cases())
+@pytest.mark.parametrize("depth", [1, 7, 64])
+def test_contract_shapes_and_identities(name, params, depth):
+    p = predict(depth, name, **params)
+    assert p.depth == depth and p.source == "theory" and p.scheme == name
+    for stats, n in ((p.skip, depth + 1), (p.branch, depth), (p.grad, depth + 1)):
+        for q in ("second_moment", "squared_mean", "variance"):
+            a = getattr(stats, q)
+            assert a.shape == (n,) and a.dtype == np.float64
+    s = p.skip
+    assert s.second_moment[0] == pytest.approx(1.0) and s.squared_mean[0] == 0.0
+    np.testing.assert_allclose(s.squared_mean + s.variance, s.second_moment, rtol=TIGHT)
+    b = p.branch
+    np.testing.assert_allclose(b.squared_mean + b.variance, b.second_moment, rtol=TIGHT, atol=0)
+    assert np.all(s.squared_mean <= s.second_moment * (1 + TIGHT))
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(p.downscale, np.sqrt(s.second_moment[:-1] / b.second_moment),
+                                   rtol=TIGHT)
+    assert p.grad.second_moment[-1] == 1.0
+    assert np.all(np.isfinite(p.grad.log2_second_moment))
+
+
+@pytest.mark.parametrize("name, params", scheme_cases())
+def test_scan_and_vectorised_paths_agree(name, params):
+    """Where the vectorised path applies, the plain block-by-block recursion gives the same."""
+    spec = get_scheme(name)
+    plan = make_plan(40, stages=(10, 20, 10))
+    block = spec.build(plan, **{**spec.defaults(), **params})
+    if not (block.chain_resets(block.pre + block.branch) and not block.post
+            and block.chain_resets(block.pre + block.projection)):
+        pytest.skip("this scheme always takes the sequential path")
+    lq_v, e_v = _block_inputs_reset(block, plan, math.log2(1.7), 0.8)
+    lq_s, e_s = _block_inputs_scan(block, plan, math.log2(1.7), 0.8)
+    np.testing.assert_allclose(lq_v, lq_s, rtol=TIGHT, atol=TIGHT)
+    np.testing.assert_allclose(e_v, e_s, rtol=TIGHT, atol=TIGHT)
+
+
+def test_batchnorm_example_from_the_issue():
+    p = predict(1000, "batchnorm")
+    l = np.arange(1001)
+    np.testing.assert_allclose(p.skip.second_moment, 1 + l, rtol=TIGHT)
+    np.testing.assert_allclose(p.skip.squared_mean, l / np.pi, rtol=TIGHT)
+    np.testing.assert_allclose(p.branch.second_moment, 1.0, rtol=TIGHT)
+    np.testing.assert_allclose(p.downscale, np.sqrt(1 + l[:-1]), rtol=TIGHT)
+
+
+def test_stages_reset_the_batchnorm_skip_path():
+    p = predict(16, "batchnorm", stages=(3, 4, 6, 3))
+    starts = [0, 3, 7, 13]
+    assert p.projection.nonzero()[0].tolist() == starts
+    q = p.skip.second_moment
+    # The skip operand of a projection block is proj(relu(bn(x))): (1, 1/pi) whatever x was.
+    np.testing.assert_allclose(q[starts], 1.0, rtol=TIGHT)
+    np.testing.assert_allclose(q[[1, 4, 8, 14]], 2.0, rtol=TIGHT)
+    np.testing.assert_allclose(q[-1], 4.0, rtol=TIGHT)
+    p2 = predict(16, "batchnorm", stages=(3, 4, 6, 3), project_first=False)
+    assert p2.projection.nonzero()[0].tolist() == [3, 7, 13]
+    assert p2.skip.second_moment[2] == pytest.approx(3.0)
+
+
+def test_projection_preserves_the_unnormalised_skip_path():
+    a = predict(12, "none", stages=(4, 4, 4))
+    b = predict(12, "none")
+    np.testing.assert_allclose(a.skip.log2_second_moment, b.skip.log2_second_moment, atol=TIGHT)
+
+
+def test_exponential_schemes_stay_finite_in_log_space():
+    p = predict(5000, "none")
+    assert np.all(np.isfinite(p.skip.log2_second_moment))
+    np.testing.assert_allclose(p.skip.log2_second_moment[:-1], np.arange(5000), atol=1e-9)
+    with pytest.warns(propagation.OverflowToInfWarning, match="log2_second_moment"):
+        q = p.skip.second_moment
+    assert np.isinf(q[-1]) and q[1000] == 2.0 ** 1000
+    # The correlation between inputs approaches 1 but the variance stays positive.
+    assert np.all(np.isfinite(p.skip.log2_variance))
+    assert np.all(np.diff(p.skip.log2_variance[:-1] - p.skip.log2_second_moment[:-1]) < 0)
+
+
+def test_input_state_is_settable():
+    p = predict(5, "batchnorm", input_second_moment=4.0, input_squared_mean=1.0)
+    np.testing.assert_allclose(p.skip.second_moment, 4.0 + np.arange(6), rtol=TIGHT)
+    np.testing.assert_allclose(p.skip.squared_mean, 1.0 + np.arange(6) / np.pi, rtol=TIGHT)
+
+
+def test_a_registered_scheme_is_predicted_and_listed():
+    def build(plan, gain):
+        return Block(branch=(ReLUWeight(gain),) * plan.layers)
+    propagation.register_scheme("test_gain", "He branch with another gain", "test", build,
+                                {"gain": propagation.Param(1.0, "weight gain",
+                                                           lambda n, v: float(v))})
+    try:
+        assert "test_gain" in propagation.schemes()
+        p = predict(10, "test_gain", gain=1.0)  # gain 1: branch q = q/4, skip grows 5/4
+        np.testing.assert_allclose(p.skip.second_moment[:-1], 1.25 ** np.arange(10), rtol=TIGHT)
+        with pytest.raises(ValueError, match="already registered"):
+            propagation.register_scheme("test_gain", "", "", build)
+    finally:
+        propagation.unregister_scheme("test_gain")
+    assert "test_gain" not in propagation.schemes()
+
+
+def test_schemes_lists_descriptions_and_parameters():
+    info = propagation.schemes()
+    for name in ("batchnorm", "none", "sqrt_half", "skipinit", "fixup", "nf", "layernorm",
+                 "postnorm"):
+        assert name in info and info[name].description
+    assert info["skipinit"].params["alpha"][0] == 0.0
+    assert info["nf"].params["alpha"][0] == 0.2
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(depth=0), ValueError, ["depth", "0", ">= 1"]),
+    (dict(depth=2.5), TypeError, ["depth", "2.5", "int"]),
+    (dict(depth=True), TypeError, ["depth", "True"]),
+    (dict(depth=10, scheme="batchnrom"), ValueError, ["batchnrom", "did you mean 'batchnorm'"]),
+    (dict(depth=10, scheme="skipinit", alpah=0.1), TypeError, ["alpah", "skipinit", "alpha"]),
+    (dict(depth=10, scheme="batchnorm", alpha=0.1), TypeError, ["alpha", "batchnorm", "none"]),
+    (dict(depth=10, scheme="skipinit", alpha=-0.1), ValueError, ["alpha", "-0.1", ">= 0"]),
+    (dict(depth=10, scheme="nf", alpha=float("nan")), ValueError, ["alpha", "nan", "finite"]),
+    (dict(depth=10, scheme="nf", alpha=float("inf")), ValueError, ["alpha", "inf", "finite"]),
+    (dict(depth=10, stages=(3, 4)), ValueError, ["stages", "(3, 4)", "sum to depth=10"]),
+    (dict(depth=10, stages=(5, 0, 5)), ValueError, ["stages[1]", "0"]),
+    (dict(depth=10, stages=7), TypeError, ["stages", "7"]),
+    (dict(depth=10, input_second_moment=-1), ValueError, ["input_second_moment", "-1"]),
+    (dict(depth=10, input_squared_mean=2.0), ValueError, ["input_squared_mean", "2.0", "<= 1.0"]),
+])
+def test_bad_input_names_argument_value_and_allowed(kwargs, error, words):
+    with pytest.raises(error) as info:
+        predict(**kwargs)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_import_loads_neither_torch_nor_matplotlib():
+    code = ("import sys, propagation; propagation.predict(10, 'nf'); "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
