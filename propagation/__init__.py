@@ -10,8 +10,8 @@ from .schemes import Param, register_scheme, schemes, unregister_scheme
 
 __version__ = "0.1.0"
 
-_LAZY = {"measure": ("measure", "measure"), "nets": ("nets", None),
-         "compare": ("compare", "compare"), "diagnose": ("compare", "diagnose"),
+_LAZY = {"measure": ("empirical", "measure"), "nets": ("nets", None),
+         "compare": ("comparison", "compare"), "diagnose": ("comparison", "diagnose"),
          "plot": ("plot", None)}
 
 

@@ -1,0 +1,544 @@
+"""``measure``: the same Profile as ``predict``, observed in a real PyTorch network.
+
+How residual merges are found
+-----------------------------
+The forward pass runs under a :class:`torch.overrides.TorchFunctionMode` that sees every
+torch call the model makes, whatever its Python control flow (so models that torch.fx cannot
+trace are covered too). It keeps a small graph of which call produced which tensor (integers
+only, never the tensors) and treats as a residual merge every addition (``+``, ``+=``,
+``torch.add``, ``Tensor.add_``) of two floating tensors of the same shape that share an
+ancestor. The operand with the shorter path from their latest common ancestor is the skip
+path: the block input itself for an identity shortcut (distance 0), the projection for a
+projection shortcut. Statistics are computed inside the interception and the tensors are
+dropped, so memory is O(blocks x channels).
+
+Merges hidden inside fused kernels or custom ops cannot be seen this way; name the blocks
+instead (``blocks=[MyBlock]`` or ``blocks=["layer*"]``): their input is taken as the skip
+path, their output as the merge and output - input as the branch.
+"""
+import contextlib
+import copy
+import fnmatch
+import heapq
+import math
+import numbers
+import warnings
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import _checks
+from .profile import Profile, Stats
+
+_ADDS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
+                   torch.Tensor.__iadd__, torch.Tensor.__radd__})
+_MODES = ("train", "eval", "keep")
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """Activations overflowed (or became NaN) during a measurement."""
+
+
+class NoMergesError(ValueError):
+    """The model has no residual merge that ``measure`` can see."""
+
+
+def measure(model, inputs, *, seeds=1, loss=None, backward=True, channel_axis=1, mode="train",
+            dtype=None, blocks=None, progress=None):
+    """Measure per-block signal propagation in a PyTorch network at its current weights.
+
+    Args:
+        model: an ``nn.Module``, or a list of modules (e.g. one initialisation per seed).
+        inputs: a tensor (batch first), a list of tensors (one batch per sample), or a
+            callable ``seed -> tensor``.
+        seeds: number of samples. Sample i uses model i, input batch i (cycling through the
+            lists) and read-out seed i. The profile holds the median over samples, and
+            ``samples`` one profile each (see ``Profile.quantile``).
+        loss: ``loss(output) -> scalar`` for the backward pass; default ``sum(g * output)``
+            with g ~ N(0, 1) drawn from a generator seeded with the sample index.
+        backward: also measure gradients at the skip-path tensors (forward-only runs under
+            ``torch.no_grad`` and keeps no activations).
+        channel_axis: the axis of channels (1 for (N, C, ...) tensors, -1 for sequences).
+        mode: "train" (default: BatchNorm uses batch statistics, as at the first training
+            step), "eval" (running statistics: at initialisation BatchNorm is then the
+            identity and the network is measured as unnormalised), or "keep".
+        dtype: e.g. ``torch.float64`` to measure a float64 copy of the model (the model
+            itself is not converted); use it when float32 overflows.
+        blocks: module classes or name patterns (fnmatch) whose input and output are the skip
+            path and the merge; used instead of the automatic search.
+        progress: show a progress bar over samples (default: when there are several and
+            stderr is a terminal).
+
+    Returns:
+        A :class:`Profile` with ``source="measurement"``: ``skip`` (merges + 1,), ``branch``,
+        ``grad`` (squared gradient norm at each skip tensor relative to the last merge's sum)
+        and ``projection`` (True where the skip operand is not the block input itself).
+        ``meta`` records shapes, mode, dtype, seeds and the first non-finite block, if any.
+
+    The model leaves exactly as it came: parameters, buffers (BatchNorm running statistics),
+    ``training`` flags, ``requires_grad``, ``.grad``, hooks and the global RNG state are
+    restored, also when its forward pass raises.
+    """
+    models = _check_models(model)
+    seeds = _checks.positive_int("seeds", seeds)
+    _checks.choice("mode", mode, _MODES)
+    if not isinstance(channel_axis, numbers.Integral) or isinstance(channel_axis, bool):
+        raise TypeError(f"channel_axis must be an int, got {channel_axis!r}")
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss must be a callable output -> scalar tensor, got {loss!r}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}")
+    matcher = _block_matcher(blocks)
+    get_input = _input_source(inputs)
+    n = max(seeds, len(models), len(inputs) if isinstance(inputs, (list, tuple)) else 1)
+
+    samples = []
+    iterator = range(n)
+    if progress is None:
+        progress = n > 1 and _stderr_is_tty()
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(iterator, desc="measure", unit="seed")
+    for i in iterator:
+        samples.append(_measure_one(models[i % len(models)], get_input(i), i, loss, backward,
+                                    channel_axis, mode, dtype, matcher))
+    depths = {s.depth for s in samples}
+    if len(depths) > 1:
+        raise ValueError(f"the number of residual merges differs between samples: "
+                         f"{[s.depth for s in samples]}; measure one architecture at a time")
+    if n == 1:
+        return samples[0]
+    median = _median(samples)
+    meta = {**samples[0].meta, "seeds": n}
+    return Profile(skip=median[0], branch=median[1], grad=median[2], depth=samples[0].depth,
+                   projection=samples[0].projection, source="measurement",
+                   samples=tuple(samples), meta=meta)
+
+
+# --- one forward (+ backward) pass -----------------------------------------------------------
+
+def _measure_one(model, x, seed, loss, backward, channel_axis, mode, dtype, matcher):
+    work = model
+    param = next(iter(model.parameters()), None)
+    if dtype is not None and param is not None and param.dtype != dtype:
+        work = copy.deepcopy(model).to(dtype)  # the caller's model is never converted
+    x = _check_input(x, work, channel_axis)
+    recorder = _Recorder(channel_axis)
+    with _untouched(model), _untouched(work) if work is not model else contextlib.nullcontext():
+        if mode != "keep":
+            work.train(mode == "train")
+        grad_ctx = torch.enable_grad() if backward else torch.no_grad()
+        if backward and x.is_floating_point():
+            x = x.detach().requires_grad_(True)
+        with grad_ctx:
+            try:
+                with _search(work, recorder, matcher):
+                    out = work(x)
+            except Exception as err:
+                err.add_note(f"(raised by the model's forward pass inside propagation.measure, "
+                             f"on inputs of shape {tuple(x.shape)} and dtype {x.dtype}; the model "
+                             f"was restored)")
+                raise
+            if not recorder.merges:
+                raise NoMergesError(_NO_MERGES if matcher is None else
+                                    "none of the modules named by blocks= ran in the forward pass; "
+                                    "check the classes or name patterns")
+            if backward:
+                _backward(out, x, recorder, seed, loss)
+    return recorder.profile(mode=mode, dtype=str(dtype or x.dtype), input_shape=tuple(x.shape),
+                            backward=backward, seed=seed)
+
+
+_NO_MERGES = ("no residual merges found: looked for additions (+, +=, torch.add, Tensor.add_) of "
+              "two floating tensors of the same shape computed from a common input. If the model "
+              "merges inside a fused kernel or custom op (e.g. a TransformerEncoderLayer on its "
+              "inference fast path, taken under no_grad in eval mode), name the residual blocks: "
+              "measure(model, x, blocks=[MyBlock]) or blocks=['encoder.layers.*']")
+
+
+def _backward(out, x, recorder, seed, loss):
+    if loss is None:
+        out_t = _first_tensor(out)
+        if out_t is None or not out_t.is_floating_point():
+            raise TypeError(f"the model returned {type(out).__name__}, not a floating tensor; pass "
+                            f"loss=callable(output) -> scalar to measure gradients")
+        gen = torch.Generator(device=out_t.device).manual_seed(seed)
+        g = torch.randn(out_t.shape, generator=gen, device=out_t.device, dtype=out_t.dtype)
+        value = (g * out_t).sum()
+    else:
+        value = loss(out)
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise TypeError(f"loss must return a scalar tensor, got {value!r}")
+    targets = [x] if x.requires_grad else [t for t in recorder.grad_targets() if t.requires_grad][:1]
+    if not targets or not value.requires_grad:
+        raise ValueError("cannot measure gradients: neither the inputs nor the skip path require "
+                         "grad (are all parameters frozen and the inputs integers?); pass "
+                         "backward=False")
+    # autograd.grad (not .backward) so that no parameter's .grad is touched.
+    torch.autograd.grad(value, targets, allow_unused=True)
+    recorder.release()
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+# --- statistics --------------------------------------------------------------------------------
+
+def _channel_stats(t, channel_axis):
+    """(second moment, squared mean, variance) averaged over channels, as a float64 tensor."""
+    t = t.detach()
+    if t.dim() < 2:
+        t = t.reshape(-1, 1)
+        axis = 1
+    else:
+        axis = channel_axis % t.dim()
+    dims = [d for d in range(t.dim()) if d != axis]
+    var, mean = torch.var_mean(t, dim=dims, correction=0)
+    sq = (mean.double() ** 2).mean()
+    v = var.double().mean()
+    return torch.stack((sq + v, sq, v))
+
+
+class _Recorder:
+    """Holds per-merge statistics (small tensors) and the gradient hooks of one pass."""
+
+    def __init__(self, channel_axis):
+        self.channel_axis = channel_axis
+        self.merges = []      # per merge: dict(skip, branch, sum stats, projection, numel)
+        self.grads = {}       # merge index -> grad stats at the skip operand; -1: last sum
+        self._hooked = WeakIdKeyDictionary()
+        self._handles = []
+        self._last_sum = None
+
+    def record(self, skip, branch, total, projection):
+        k = len(self.merges)
+        ax = self.channel_axis
+        self.merges.append({"skip": _channel_stats(skip, ax), "branch": _channel_stats(branch, ax),
+                            "sum": _channel_stats(total, ax), "projection": projection,
+                            "numel_skip": skip.numel(), "numel_sum": total.numel()})
+        self._hook(skip, k)
+        self._last_sum = total
+        return k
+
+    def record_missing_skip(self, total):
+        nan = torch.full((3,), math.nan, dtype=torch.float64)
+        self.merges.append({"skip": nan, "branch": nan, "sum": _channel_stats(total, self.channel_axis),
+                            "projection": True, "numel_skip": total.numel(),
+                            "numel_sum": total.numel()})
+        self._last_sum = total
+
+    def _hook(self, t, k):
+        if not (torch.is_grad_enabled() and t.requires_grad):
+            return
+        if t in self._hooked:  # one tensor can be a skip operand once; keep the first index
+            return
+        self._hooked[t] = k
+
+        def hook(grad, k=k):
+            self.grads[k] = _channel_stats(grad, self.channel_axis)
+        self._handles.append(t.register_hook(hook))
+
+    def grad_targets(self):
+        return list(self._hooked.keys())
+
+    def finish_forward(self):
+        t = self._last_sum
+        if t is not None and torch.is_grad_enabled() and t.requires_grad:
+            def hook(grad):
+                self.grads[-1] = _channel_stats(grad, self.channel_axis)
+            self._handles.append(t.register_hook(hook))
+        self._last_sum = None
+
+    def release(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def profile(self, **meta):
+        D = len(self.merges)
+        skip = torch.stack([m["skip"] for m in self.merges] + [self.merges[-1]["sum"]]).numpy()
+        branch = torch.stack([m["branch"] for m in self.merges]).numpy()
+        numel = np.array([m["numel_skip"] for m in self.merges] + [self.merges[-1]["numel_sum"]],
+                         dtype=np.float64)
+        grad = np.full((D + 1, 3), np.nan)
+        for k, g in self.grads.items():
+            grad[k] = g.numpy()
+        if -1 in self.grads:
+            grad[D] = self.grads[-1].numpy()
+            # squared norm relative to the last merge's sum: per entry x entries / entries there
+            grad = grad * (numel / numel[-1])[:, None] / grad[D, 0]
+        finite = np.isfinite(skip).all(axis=1)
+        first_bad = None if finite.all() else int(np.argmin(finite))
+        if first_bad is not None:
+            warnings.warn(f"activations are not finite from skip-path position {first_bad} on "
+                          f"(dtype {meta['dtype']}): the signal overflowed. Measure with "
+                          f"dtype=torch.float64, or fewer blocks.", NonFiniteWarning, stacklevel=4)
+        meta["first_nonfinite_block"] = first_bad
+        return Profile(skip=Stats.from_linear(*skip.T), branch=Stats.from_linear(*branch.T),
+                       grad=Stats.from_linear(*grad.T), depth=D,
+                       projection=np.array([m["projection"] for m in self.merges], dtype=bool),
+                       source="measurement", meta=meta)
+
+
+# --- finding merges ----------------------------------------------------------------------------
+
+class _MergeFinder(TorchFunctionMode):
+    """Tracks which call produced which tensor and records residual merges as they run."""
+
+    def __init__(self, recorder):
+        super().__init__()
+        self.recorder = recorder
+        self.node_of = WeakIdKeyDictionary()  # tensor -> node id
+        self.parents = []                     # node id -> tuple of parent node ids
+
+    def _node(self, t):
+        node = self.node_of.get(t)
+        if node is None:  # a tensor made outside the pass (the input, a parameter): a root
+            node = len(self.parents)
+            self.parents.append(())
+            self.node_of[t] = node
+        return node
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        merge = None
+        if func in _ADDS and len(args) >= 2 and kwargs.get("alpha", 1) == 1:
+            merge = self._merge_operands(args[0], args[1])
+            if merge is not None:
+                skip, branch, projection = merge
+                # Operand statistics before the call: an in-place add overwrites one of them.
+                pre = (_channel_stats(skip, self.recorder.channel_axis),
+                       _channel_stats(branch, self.recorder.channel_axis))
+        out = func(*args, **kwargs)
+        parents = tuple(self._node(a) for a in _tensor_args(args, kwargs))
+        node = len(self.parents)
+        self.parents.append(parents)
+        for t in _tensor_outputs(out):
+            self.node_of[t] = node
+        if merge is not None:
+            k = self.recorder.record(skip, branch, out, projection)
+            self.recorder.merges[k]["skip"], self.recorder.merges[k]["branch"] = pre
+        return out
+
+    def _merge_operands(self, a, b):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return None
+        if a.shape != b.shape or not a.is_floating_point() or not b.is_floating_point() or a.dim() < 1:
+            return None
+        na, nb = self._node(a), self._node(b)
+        found = self._latest_common_ancestor(na, nb)
+        if found is None:
+            return None
+        da, db = found
+        # The skip path is the operand closer to the common ancestor (the ancestor itself for
+        # an identity shortcut); on a tie the first operand is taken as the skip path.
+        if db < da:
+            return b, a, db > 0
+        return a, b, da > 0
+
+    def _latest_common_ancestor(self, na, nb, limit=100_000):
+        """Distances from na and nb to their latest common ancestor (by creation), or None.
+
+        Node ids grow with creation time and parents are older than children, so popping the
+        newest node first reaches the latest common ancestor before any older one.
+        """
+        dist = {na: [0, None], nb: [None, 0]} if na != nb else {na: [0, 0]}
+        heap = [-na] if na == nb else [-na, -nb]
+        heapq.heapify(heap)
+        seen = set()
+        steps = 0
+        while heap and steps < limit:
+            node = -heapq.heappop(heap)
+            if node in seen:
+                continue
+            seen.add(node)
+            steps += 1
+            da, db = dist[node]
+            if da is not None and db is not None:
+                return da, db
+            for p in self.parents[node]:
+                d = dist.setdefault(p, [None, None])
+                if da is not None and (d[0] is None or d[0] > da + 1):
+                    d[0] = da + 1
+                if db is not None and (d[1] is None or d[1] > db + 1):
+                    d[1] = db + 1
+                heapq.heappush(heap, -p)
+        return None
+
+
+def _tensor_args(args, kwargs):
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    yield b
+
+
+def _tensor_outputs(out):
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (list, tuple)):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                yield o
+
+
+@contextlib.contextmanager
+def _search(model, recorder, matcher):
+    if matcher is None:
+        finder = _MergeFinder(recorder)
+        with finder:
+            # The input and the parameters are roots of the graph.
+            yield
+    else:
+        handles = []
+        try:
+            for name, module in model.named_modules():
+                if matcher(name, module):
+                    handles.append(module.register_forward_hook(_block_hook(recorder)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+    recorder.finish_forward()
+
+
+def _block_hook(recorder):
+    def hook(module, args, output):
+        x = args[0] if args else None
+        if not isinstance(output, torch.Tensor):
+            return None
+        if isinstance(x, torch.Tensor) and x.shape == output.shape:
+            recorder.record(x, output - x, output, projection=False)
+        else:
+            recorder.record_missing_skip(output)
+        return None
+    return hook
+
+
+def _block_matcher(blocks):
+    if blocks is None:
+        return None
+    if isinstance(blocks, (str, type)):
+        blocks = [blocks]
+    try:
+        blocks = list(blocks)
+    except TypeError:
+        raise TypeError(f"blocks must be module classes or name patterns, got {blocks!r}") from None
+    for b in blocks:
+        if not (isinstance(b, str) or (isinstance(b, type) and issubclass(b, torch.nn.Module))):
+            raise TypeError(f"blocks entries must be nn.Module subclasses or fnmatch patterns such "
+                            f"as 'layer1.*', got {b!r}")
+    types = tuple(b for b in blocks if isinstance(b, type))
+    patterns = [b for b in blocks if isinstance(b, str)]
+
+    def matcher(name, module):
+        return (types and isinstance(module, types)) or any(fnmatch.fnmatchcase(name, p)
+                                                           for p in patterns)
+    return matcher
+
+
+# --- checks and the untouched-model guarantee -------------------------------------------------
+
+def _check_models(model):
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models:
+        raise ValueError("model must be an nn.Module or a non-empty list of them, got an empty list")
+    for m in models:
+        if not isinstance(m, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (or a list of them), got "
+                            f"{type(m).__name__}: {m!r:.80}")
+    return models
+
+
+def _input_source(inputs):
+    if isinstance(inputs, torch.Tensor):
+        return lambda i: inputs
+    if isinstance(inputs, (list, tuple)):
+        if not inputs:
+            raise ValueError("inputs must be a tensor, a non-empty list of tensors or a callable")
+        return lambda i: inputs[i % len(inputs)]
+    if callable(inputs):
+        return inputs
+    raise TypeError(f"inputs must be a torch.Tensor, a list of tensors or a callable seed -> tensor, "
+                    f"got {type(inputs).__name__}")
+
+
+def _check_input(x, model, channel_axis):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"inputs must be torch.Tensor batches, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"inputs must have a batch axis and a channel axis (rank >= 2), got shape "
+                         f"{tuple(x.shape)}")
+    if not -x.dim() <= channel_axis < x.dim():
+        raise ValueError(f"channel_axis={channel_axis} is out of range for inputs of rank {x.dim()}")
+    if x.shape[0] < 2:
+        raise ValueError(f"inputs need a batch of at least 2 examples for channel statistics, got "
+                         f"shape {tuple(x.shape)}")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"inputs must be a real floating (or integer token) tensor, got {x.dtype}")
+    param = next(iter(model.parameters()), None)
+    if param is not None:
+        if x.is_floating_point() and x.dtype != param.dtype:
+            raise TypeError(f"inputs have dtype {x.dtype} but the model's parameters are "
+                            f"{param.dtype}; cast the inputs, or pass dtype={x.dtype} to measure "
+                            f"a copy of the model in that precision")
+        if x.device != param.device:
+            x = x.to(param.device)
+    return x
+
+
+@contextlib.contextmanager
+def _untouched(model):
+    """Restore parameters, buffers, training flags and the RNG state on the way out."""
+    training = [(m, m.training) for m in model.modules()]
+    buffers = [(mod, name, buf, buf.detach().clone()) for mod in model.modules()
+               for name, buf in mod._buffers.items() if buf is not None]
+    params = [(mod, name, p, p.detach().clone(), p.requires_grad, p.grad)
+              for mod in model.modules() for name, p in mod._parameters.items() if p is not None]
+    rng = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for mod, name, buf, saved in buffers:
+                mod._buffers[name] = buf
+                buf.copy_(saved)
+            for mod, name, p, saved, req, grad in params:
+                mod._parameters[name] = p
+                if not torch.equal(p, saved):
+                    p.copy_(saved)
+                p.requires_grad_(req)
+                p.grad = grad
+        for m, flag in training:
+            m.training = flag
+        torch.set_rng_state(rng)
+
+
+def _median(samples):
+    def part(name):
+        out = []
+        for q in ("second_moment", "squared_mean", "variance"):
+            stack = np.stack([getattr(getattr(s, name), f"log2_{q}") for s in samples])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out.append(np.nanmedian(stack, axis=0))
+        return Stats(*out)
+    return part("skip"), part("branch"), part("grad")
+
+
+def _stderr_is_tty():
+    import sys
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()

@@ -1,0 +1,323 @@
+"""``measure`` against independent direct computations, on networks not written for it."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import propagation
+from propagation.empirical import NoMergesError, NonFiniteWarning
+
+# float32 activations, statistics reduced in float32 then averaged in float64: relative error
+# ~ sqrt(n) * 2^-24 for a reduction over n ~ 1e4 values, i.e. < 1e-5.
+FLOAT_RTOL = 1e-5
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, width, norm=True):
+        super().__init__()
+        self.n1 = nn.BatchNorm1d(width) if norm else nn.Identity()
+        self.l1 = nn.Linear(width, width, bias=False)
+        self.n2 = nn.BatchNorm1d(width) if norm else nn.Identity()
+        self.l2 = nn.Linear(width, width, bias=False)
+        for layer in (self.l1, self.l2):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+
+    def branch(self, x):
+        return self.l2(torch.relu(self.n2(self.l1(torch.relu(self.n1(x))))))
+
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+def direct_stats(t, axis=1):
+    """The three statistics written out plainly, in float64 NumPy."""
+    a = np.moveaxis(t.detach().double().numpy(), axis, -1).reshape(-1, t.shape[axis])
+    mean = a.mean(axis=0)
+    var = ((a - mean) ** 2).mean(axis=0)
+    return np.array([(mean ** 2 + var).mean(), (mean ** 2).mean(), var.mean()])
+
+
+def profile_stats(stats, i):
+    return np.array([stats.second_moment[i], stats.squared_mean[i], stats.variance[i]])
+
+
+def test_forward_and_gradient_statistics_equal_direct_computation():
+    torch.manual_seed(0)
+    blocks = [MLPBlock(32) for _ in range(4)]
+    model = nn.Sequential(*blocks)
+    x = torch.randn(64, 32)
+    prof = propagation.measure(model, x, seeds=1)
+
+    # The same pass by hand, keeping every tensor.
+    ref = copy.deepcopy(model).train()
+    xs, bs = [x.clone().requires_grad_(True)], []
+    for blk in ref:
+        bs.append(blk.branch(xs[-1]))
+        xs.append(xs[-1] + bs[-1])
+    g = torch.randn(xs[-1].shape, generator=torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad((g * xs[-1]).sum(), xs)
+    assert prof.depth == 4 and not prof.projection.any()
+    for i in range(5):
+        np.testing.assert_allclose(profile_stats(prof.skip, i), direct_stats(xs[i]), rtol=FLOAT_RTOL)
+        expected = direct_stats(grads[i]) / direct_stats(grads[-1])[0]
+        np.testing.assert_allclose(profile_stats(prof.grad, i), expected, rtol=FLOAT_RTOL)
+    for i in range(4):
+        np.testing.assert_allclose(profile_stats(prof.branch, i), direct_stats(bs[i]), rtol=FLOAT_RTOL)
+
+
+def test_channel_axis_last_for_sequences():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+
+    class Seq(nn.Module):
+        def forward(self, x):
+            return x + lin(x)
+    x = torch.randn(4, 10, 8)
+    prof = propagation.measure(Seq(), x, channel_axis=-1, backward=False)
+    np.testing.assert_allclose(profile_stats(prof.skip, 0), direct_stats(x, axis=2), rtol=FLOAT_RTOL)
+    np.testing.assert_allclose(profile_stats(prof.skip, 1), direct_stats(x + lin(x), axis=2),
+                               rtol=FLOAT_RTOL)
+
+
+def snapshot(model):
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grad": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                  for m in model.modules()],
+        "ids": [id(p) for p in model.parameters()] + [id(b) for b in model.buffers()],
+    }
+
+
+def assert_same(before, after):
+    assert before["state"].keys() == after["state"].keys()
+    for k in before["state"]:
+        assert torch.equal(before["state"][k], after["state"][k]), k
+    for key in ("training", "requires_grad", "hooks", "ids"):
+        assert before[key] == after[key], key
+    for a, b in zip(before["grad"], after["grad"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_model_is_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[MLPBlock(16) for _ in range(3)]).eval()
+    model[0].l1.weight.requires_grad_(False)
+    model[1].l2.weight.grad = torch.ones_like(model[1].l2.weight)
+    before = snapshot(model)
+    x = torch.randn(32, 16)
+    rng = torch.get_rng_state()
+    propagation.measure(model, x, seeds=2)  # train mode would update BatchNorm's buffers
+    assert_same(before, snapshot(model))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_model_is_untouched_when_the_forward_pass_raises():
+    torch.manual_seed(0)
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom in block 2")
+    model = nn.Sequential(MLPBlock(16), MLPBlock(16), Boom())
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom in block 2") as info:
+        propagation.measure(model, torch.randn(32, 16))
+    assert "restored" in "".join(getattr(info.value, "__notes__", []))
+    assert_same(before, snapshot(model))
+    assert model[0].n1.num_batches_tracked.item() == 0
+
+
+# --- third-party architectures, written as their libraries write them -----------------------
+
+class TorchvisionBasicBlock(nn.Module):
+    """The structure of torchvision.models.resnet.BasicBlock (post-activation, in-place add)."""
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TorchvisionBottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        width = planes
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+def torchvision_style_resnet(block, layers, width=8):
+    def make(inplanes, planes, n, stride):
+        mods = []
+        for i in range(n):
+            s = stride if i == 0 else 1
+            down = None
+            if s != 1 or inplanes != planes * getattr(block, "expansion", 1):
+                down = nn.Sequential(nn.Conv2d(inplanes, planes * getattr(block, "expansion", 1), 1,
+                                               s, bias=False),
+                                     nn.BatchNorm2d(planes * getattr(block, "expansion", 1)))
+            mods.append(block(inplanes, planes, s, down))
+            inplanes = planes * getattr(block, "expansion", 1)
+        return nn.Sequential(*mods), inplanes
+    stem = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+    stages, c = [], width
+    for i, n in enumerate(layers):
+        stage, c = make(c, width * 2 ** i, n, 1 if i == 0 else 2)
+        stages.append(stage)
+    return nn.Sequential(*stem, *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
+@pytest.mark.parametrize("block, layers, projections", [
+    (TorchvisionBasicBlock, (2, 2, 2), [False, False, True, False, True, False]),
+    (TorchvisionBottleneck, (1, 2), [True, True, False]),
+])
+def test_torchvision_style_resnets(block, layers, projections):
+    torch.manual_seed(0)
+    model = torchvision_style_resnet(block, layers)
+    prof = propagation.measure(model, torch.randn(8, 3, 16, 16))
+    assert prof.depth == sum(layers)
+    assert prof.projection.tolist() == projections
+    # Identity blocks: the skip operand is the previous block's output, after its ReLU.
+    assert np.all(np.isfinite(prof.grad.log2_second_moment))
+    assert prof.grad.second_moment[-1] == pytest.approx(1.0)
+
+
+def test_transformer_encoder_layers_pre_ln():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0,
+                                       batch_first=True, norm_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
+    x = torch.randn(4, 12, 32)
+    for mode in ("train", "eval"):
+        prof = propagation.measure(model, x, channel_axis=-1, mode=mode)
+        assert prof.depth == 6  # attention and feed-forward merge per layer
+        assert not prof.projection.any()
+        np.testing.assert_allclose(profile_stats(prof.skip, 0), direct_stats(x, axis=2),
+                                   rtol=FLOAT_RTOL)
+
+
+class DataDependent(nn.Module):
+    """Python control flow on tensor values: torch.fx cannot trace this."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(MLPBlock(16) for _ in range(3))
+
+    def forward(self, x):
+        for blk in self.blocks:
+            if x.norm() > 0:
+                x = blk(x)
+        return x
+
+
+def test_untraceable_model_is_measured_automatically():
+    model = DataDependent()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    prof = propagation.measure(model, torch.randn(32, 16))
+    assert prof.depth == 3
+
+
+class HiddenMerge(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.stack([x, self.lin(torch.relu(x))]).sum(0)
+
+
+def test_hidden_merges_need_named_blocks():
+    model = nn.Sequential(HiddenMerge(), HiddenMerge())
+    x = torch.randn(32, 16)
+    with pytest.raises(NoMergesError, match="blocks="):
+        propagation.measure(model, x)
+    for blocks in ([HiddenMerge], ["0", "1"], "?"):
+        prof = propagation.measure(model, x, blocks=blocks)
+        assert prof.depth == 2
+        np.testing.assert_allclose(profile_stats(prof.skip, 0), direct_stats(x), rtol=FLOAT_RTOL)
+        np.testing.assert_allclose(profile_stats(prof.branch, 0),
+                                   direct_stats(model[0].lin(torch.relu(x))), rtol=FLOAT_RTOL)
+
+
+def test_several_seeds_give_median_and_samples():
+    torch.manual_seed(0)
+    models = [nn.Sequential(*[MLPBlock(32) for _ in range(3)]) for _ in range(3)]
+    prof = propagation.measure(models, lambda s: torch.randn(64, 32, generator=torch.Generator().manual_seed(s)),
+                               seeds=3)
+    assert len(prof.samples) == 3 and prof.meta["seeds"] == 3
+    stack = np.stack([s.skip.log2_second_moment for s in prof.samples])
+    np.testing.assert_allclose(prof.skip.log2_second_moment, np.median(stack, axis=0))
+    lo, hi = prof.quantile(0.0), prof.quantile(1.0)
+    assert np.all(lo.skip.log2_second_moment <= prof.skip.log2_second_moment)
+    assert np.all(hi.skip.log2_second_moment >= prof.skip.log2_second_moment)
+
+
+def test_overflow_is_reported_with_the_first_block():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[MLPBlock(128, norm=False) for _ in range(200)])
+    x = torch.randn(16, 128)
+    with pytest.warns(NonFiniteWarning, match="position"):
+        prof = propagation.measure(model, x, backward=False)
+    first = prof.meta["first_nonfinite_block"]
+    # Theory: q_l = 2^l passes float32's largest value (~2^128) at l = 128. At width 128,
+    # log2 q_l / l spreads by ~sqrt(1/128) per block and the median grows a little slower
+    # than 1 bit per block, so the first overflow lies between 110 and the last block.
+    assert 110 < first < 200
+    assert not np.isfinite(prof.skip.log2_second_moment[first])
+    assert np.all(np.isfinite(prof.skip.log2_second_moment[:first]))
+    prof64 = propagation.measure(model, x.double(), dtype=torch.float64, backward=False)
+    assert prof64.meta["first_nonfinite_block"] is None
+    assert next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("model, inputs, kwargs, error, words", [
+    ("not a model", torch.randn(4, 3), {}, TypeError, ["model", "nn.Module", "str"]),
+    (nn.Linear(3, 3), torch.randn(3), {}, ValueError, ["rank", "(3,)"]),
+    (nn.Linear(3, 3), torch.randn(1, 3), {}, ValueError, ["batch", "(1, 3)"]),
+    (nn.Linear(3, 3), torch.randn(4, 3).double(), {}, TypeError, ["float64", "float32", "dtype="]),
+    (nn.Linear(3, 3), [1, 2], {}, TypeError, ["inputs", "int"]),
+    (nn.Linear(3, 3), torch.randn(4, 3), {"mode": "training"}, ValueError, ["mode", "'train'"]),
+    (nn.Linear(3, 3), torch.randn(4, 3), {"seeds": 0}, ValueError, ["seeds", "0"]),
+    (nn.Linear(3, 3), torch.randn(4, 3), {}, NoMergesError, ["no residual merges", "blocks="]),
+])
+def test_bad_input(model, inputs, kwargs, error, words):
+    with pytest.raises(error) as info:
+        propagation.measure(model, inputs, **kwargs)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
