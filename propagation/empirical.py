@@ -209,6 +209,10 @@ def _channel_stats(t, channel_axis):
     return torch.stack((sq + v, sq, v))
 
 
+def _channels(t, channel_axis):
+    return int(t.shape[channel_axis % t.dim()]) if t.dim() >= 2 else 1
+
+
 class _Recorder:
     """Holds per-merge statistics (small tensors) and the gradient hooks of one pass."""
 
@@ -225,7 +229,8 @@ class _Recorder:
         ax = self.channel_axis
         self.merges.append({"skip": _channel_stats(skip, ax), "branch": _channel_stats(branch, ax),
                             "sum": _channel_stats(total, ax), "projection": projection,
-                            "numel_skip": skip.numel(), "numel_sum": total.numel()})
+                            "numel_skip": skip.numel(), "numel_sum": total.numel(),
+                            "channels": _channels(total, ax)})
         self._hook(skip, k)
         self._last_sum = total
         return k
@@ -234,7 +239,8 @@ class _Recorder:
         nan = torch.full((3,), math.nan, dtype=torch.float64)
         self.merges.append({"skip": nan, "branch": nan, "sum": _channel_stats(total, self.channel_axis),
                             "projection": True, "numel_skip": total.numel(),
-                            "numel_sum": total.numel()})
+                            "numel_sum": total.numel(),
+                            "channels": _channels(total, self.channel_axis)})
         self._last_sum = total
 
     def _hook(self, t, k):
@@ -284,6 +290,14 @@ class _Recorder:
                           f"(dtype {meta['dtype']}): the signal overflowed. Measure with "
                           f"dtype=torch.float64, or fewer blocks.", NonFiniteWarning, stacklevel=4)
         meta["first_nonfinite_block"] = first_bad
+        meta["channels"] = min(m["channels"] for m in self.merges)
+        # Values per channel that each statistic averaged over (batch x positions): the
+        # squared channel mean of n such samples carries a finite-sample term variance / n.
+        meta["samples_per_channel"] = [m["numel_skip"] / m["channels"] for m in self.merges] + [
+            self.merges[-1]["numel_sum"] / self.merges[-1]["channels"]]
+        with np.errstate(divide="ignore"):
+            meta["merge_log2_second_moment"] = np.log2(
+                torch.stack([m["sum"][0] for m in self.merges]).numpy()).tolist()
         return Profile(skip=Stats.from_linear(*skip.T), branch=Stats.from_linear(*branch.T),
                        grad=Stats.from_linear(*grad.T), depth=D,
                        projection=np.array([m["projection"] for m in self.merges], dtype=bool),
