@@ -57,6 +57,8 @@ class Layer:
     """Base class. ``resets`` is True when the output state does not depend on the input."""
 
     resets = False
+    #: True for weight layers (convolutions, dense layers): the ones zero padding shrinks.
+    weight = False
 
     def forward(self, lq, e, l, B):
         raise NotImplementedError
@@ -71,6 +73,8 @@ class Layer:
 
 class ReLUWeight(Layer):
     """ReLU then a weight layer with weights N(0, gain2 / fan_in): He init is gain2 = 2."""
+
+    weight = True
 
     def __init__(self, gain2=2.0):
         self.gain2 = float(gain2)
@@ -96,6 +100,8 @@ class ReLU(Layer):
 class Linear(Layer):
     """A weight layer N(0, gain2 / fan_in) with no ReLU before it: correlations unchanged."""
 
+    weight = True
+
     def __init__(self, gain2=1.0):
         self.gain2 = float(gain2)
         self._lg = _log2(self.gain2)
@@ -115,6 +121,8 @@ class ReLUScaledWS(Layer):
     E[y_a y_b] = gain2 (E[u_a u_b] - E[u]^2), so rho' = (kappa(rho) - 1/pi) / (1 - 1/pi) and
     q' = q gain2 (1 - 1/pi) / 2, which is q at the standard gain 2 / (1 - 1/pi).
     """
+
+    weight = True
 
     def __init__(self, gain2=kernels.WS_RELU_GAIN2):
         self.gain2 = float(gain2)
@@ -184,9 +192,16 @@ class BlockGain(Layer):
         return f"BlockGain({self.name})"
 
 
-def Zero():
+class Zero(Gain):
     """A zero-initialised weight layer (Fixup's last layer): the output is exactly 0."""
-    return Gain(0.0)
+
+    weight = True
+
+    def __init__(self):
+        super().__init__(0.0)
+
+    def __repr__(self):
+        return "Zero()"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ import math
 import numpy as np
 
 from . import _checks
-from .layers import MATH, NUMPY, backward_gain, run
+from dataclasses import replace
+
+from .layers import MATH, NUMPY, BlockGain, backward_gain, run
 from .profile import Profile, Stats
 from .schemes import Plan, get_scheme
 
@@ -32,7 +34,7 @@ def make_plan(depth, stages=None, project_first=True, layers=2):
 
 
 def predict(depth, scheme="batchnorm", *, stages=None, project_first=True, layers=2,
-            input_second_moment=1.0, input_squared_mean=0.0, **params):
+            input_second_moment=1.0, input_squared_mean=0.0, padding_factors=None, **params):
     """Predict per-block signal propagation at initialisation in the infinite-width limit.
 
     Args:
@@ -44,6 +46,10 @@ def predict(depth, scheme="batchnorm", *, stages=None, project_first=True, layer
         layers: weight layers per residual branch: 2 (basic block, MLP) or 3 (bottleneck).
         input_second_moment, input_squared_mean: the state of x_0, the input of block 0
             (default: i.i.d. N(0, 1) input, i.e. 1 and 0).
+        padding_factors: optional, shape (layers,) or (depth, layers): a factor on the output
+            of each weight layer of each branch, for finite convolutions whose zero padding
+            loses the out-of-bounds taps (the mean fraction of in-bounds taps; see
+            ``propagation.nets.padding_factors``). Default: none (the infinite limit).
         **params: the scheme's own parameters (e.g. ``alpha`` for skipinit and nf).
 
     Returns:
@@ -68,15 +74,38 @@ def predict(depth, scheme="batchnorm", *, stages=None, project_first=True, layer
         raise ValueError("input_second_moment must be > 0, got 0.0")
     m0 = _checks.finite_float("input_squared_mean", input_squared_mean, low=0.0, high=q0)
     block = spec.build(plan, **clean)
+    if padding_factors is not None:
+        block = _with_padding(block, plan, padding_factors)
 
     lq0, e0 = math.log2(q0), (q0 - m0) / q0
     lq_x, e_x = _block_inputs(block, plan, lq0, e0)
     prof = _profile(block, plan, lq_x, e_x)
+    share = prof[3]
     return Profile(skip=prof[0], branch=prof[1], grad=prof[2], depth=plan.depth,
                    projection=plan.projection, source="theory", scheme=spec.name,
                    params={**clean, **({"stages": list(plan.stages)} if plan.stages else {}),
                            **({"layers": layers} if layers != 2 else {})},
-                   meta={"input_second_moment": q0, "input_squared_mean": m0})
+                   meta={"input_second_moment": q0, "input_squared_mean": m0,
+                         # share of the gradient at each block input that came through the
+                         # branch: compare uses it for the finite-width band of gradients
+                         "grad_branch_share": share.tolist()})
+
+
+def _with_padding(block, plan, factors):
+    """Follow the j-th weight layer of every branch with a per-block gain factors[:, j]."""
+    weights = [i for i, layer in enumerate(block.branch) if layer.weight]
+    try:
+        f = np.broadcast_to(np.asarray(factors, dtype=np.float64), (plan.depth, len(weights)))
+    except ValueError:
+        raise ValueError(f"padding_factors must have shape ({len(weights)},) or ({plan.depth}, "
+                         f"{len(weights)}) for this scheme's branches, got shape "
+                         f"{np.shape(factors)}") from None
+    if not np.all(np.isfinite(f)) or np.any(f <= 0) or np.any(f > 1):
+        raise ValueError(f"padding_factors must lie in (0, 1], got values from {f.min()} to {f.max()}")
+    branch = list(block.branch)
+    for j, i in reversed(list(enumerate(weights))):
+        branch.insert(i + 1, BlockGain(f[:, j], f"padding[{j}]"))
+    return replace(block, branch=tuple(branch))
 
 
 def _merge(lq_s, e_s, lq_b, e_b, B):
@@ -213,4 +242,6 @@ def _profile(block, plan, lq_x, e_x):
     skip = _stats(np.append(lq_s, lq_y[-1]), np.append(e_s, e_y[-1]))
     branch = _stats(lq_b, e_b)
     grad = Stats(np.append(g_skip, 0.0), nan, nan.copy())
-    return skip, branch, grad
+    with np.errstate(over="ignore", invalid="ignore"):
+        share = np.nan_to_num(np.exp2(g_pre + g_branch - a), nan=0.0)
+    return skip, branch, grad, np.minimum(share, 1.0)

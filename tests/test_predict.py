@@ -156,3 +156,21 @@ def test_import_loads_neither_torch_nor_matplotlib():
             "print(sorted(m for m in ('torch', 'matplotlib', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_padding_factors_scale_each_weight_layer():
+    f1, f2 = 0.9, 0.8
+    bn = predict(6, "batchnorm", padding_factors=(f1, f2))
+    # BatchNorm resets the state before the last weight layer: only f2 survives.
+    np.testing.assert_allclose(bn.branch.second_moment, f2, rtol=TIGHT)
+    none = predict(6, "none", padding_factors=(f1, f2))
+    np.testing.assert_allclose(none.skip.second_moment[:-1], (1 + f1 * f2) ** np.arange(6),
+                               rtol=TIGHT)
+    per_block = np.tile([f1, f2], (6, 1))
+    per_block[3] = 1.0
+    p = predict(6, "none", padding_factors=per_block)
+    assert p.skip.second_moment[4] / p.skip.second_moment[3] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match=r"padding_factors must have shape \(2,\)"):
+        predict(6, "none", padding_factors=(0.9, 0.8, 0.7))
+    with pytest.raises(ValueError, match="padding_factors must lie in"):
+        predict(6, "none", padding_factors=(0.0, 0.8))
