@@ -37,7 +37,7 @@ from .predict import make_plan
 from .schemes import get_scheme, nf_expected_variance
 
 __all__ = ["resnet_v2", "wide_resnet", "residual_mlp", "WSConv2d", "WSLinear",
-           "ResidualBlock", "ResidualNetwork", "supported_schemes"]
+           "ResidualBlock", "ResidualNetwork", "supported_schemes", "padding_factors"]
 
 #: The fixed gain of a Scaled-WS layer after a ReLU: sqrt(2 / (1 - 1/pi)).
 WS_GAIN = math.sqrt(kernels.WS_RELU_GAIN2)
@@ -612,3 +612,68 @@ def residual_mlp(depth, width=256, scheme="batchnorm", num_classes=None, **param
     geometry = _Geometry((_W(width, width), _W(width, width)))
     return _assemble(net, params, scheme, _DenseKit(), [], [geometry] * depth, None, 2, width,
                      num_classes)
+
+
+# --- finite-size corrections for the theory ---------------------------------------------------
+
+def _inbounds(size, kernel, stride, padding, dilation=1):
+    """Per output position (1-D), the fraction of a kernel's taps inside [0, size)."""
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    o = np.arange(out)[:, None]
+    taps = o * stride - padding + dilation * np.arange(kernel)[None, :]
+    return ((taps >= 0) & (taps < size)).mean(axis=1), out
+
+
+def _padding_factor(fh, fw, standardised):
+    """Mean output second moment of a zero-padded conv relative to an unpadded one.
+
+    A He conv keeps the fraction s of its taps in bounds. A Scaled-WS conv's weights sum to
+    zero over the fan-in, which cancels the ReLU's channel mean mu only when every tap is in
+    bounds; with a fraction s of them the weights in bounds sum to a variance of
+    gain^2 s (1 - s), leaking mu^2 gain^2 s (1 - s) = q s (1 - s) / (pi - 1).
+    """
+    s = fh[:, None] * fw[None, :]
+    if standardised:
+        s = s * (1.0 + (1.0 - s) / (math.pi - 1.0))
+    return float(s.mean())
+
+
+def _conv_out(size, module):
+    k, s, p = (module.kernel_size, module.stride, module.padding)
+    k, s, p = (v if isinstance(v, int) else v[0] for v in (k, s, p))
+    return (size + 2 * p - k) // s + 1
+
+
+def padding_factors(model, input_shape):
+    """Per block and branch weight layer, the mean fraction of a convolution's taps that fall
+    inside the feature map (zero padding loses the rest), for inputs of ``input_shape``.
+
+    Pass it to ``predict(..., padding_factors=...)``: a 3x3 He convolution keeps 0.96 of the
+    second moment on a 32x32 map, 0.84 on 8x8 and 0.69 on 4x4, which the infinite-width
+    theory ignores. The factor assumes the second moment is uniform over
+    positions (padding also makes it smaller at the borders, a second-order effect).
+    Returns an array (depth, weight layers per branch); all ones for dense networks.
+    """
+    if not isinstance(model, ResidualNetwork):
+        raise TypeError(f"model must be a network from propagation.nets, got {type(model).__name__}")
+    layers = model.theory.get("layers", 2)
+    out = np.ones((len(model.blocks), layers))
+    if len(input_shape) != 4:
+        return out
+    h, w = int(input_shape[2]), int(input_shape[3])
+    for module in model.stem:
+        if isinstance(module, nn.Conv2d):
+            h, w = _conv_out(h, module), _conv_out(w, module)
+        elif isinstance(module, nn.MaxPool2d):
+            k, s, p = module.kernel_size, module.stride, module.padding
+            h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    for l, blk in enumerate(model.blocks):
+        convs = [m for m in blk.branch.modules() if isinstance(m, nn.Conv2d)]
+        for j, conv in enumerate(convs[:layers]):
+            k, s, p, d = (v if isinstance(v, int) else v[0] for v in
+                          (conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+            fh, h2 = _inbounds(h, k, s, p, d)
+            fw, w2 = _inbounds(w, k, s, p, d)
+            out[l, j] = _padding_factor(fh, fw, isinstance(conv, WSConv2d))
+            h, w = h2, w2
+    return out

@@ -426,3 +426,16 @@ def test_a_builtin_name_re_registered_with_another_build_is_refused():
         propagation.register_scheme(original.name, original.description, original.reference,
                                     original.build, original.params, replace=True)
     assert nets.residual_mlp(3, width=4, scheme="none").scheme == "none"
+
+
+def test_padding_factors_count_in_bounds_taps():
+    from propagation.nets import padding_factors
+    model = nets.resnet_v2(stages=(1, 1), width=4, block="basic", scheme="none", num_classes=None)
+    f = padding_factors(model, (2, 3, 8, 8))
+    # 3x3, padding 1 on 8 positions: the 2 edge outputs see 2 of 3 taps, the other 6 all 3:
+    # (6 * 3 + 2 * 2) / (8 * 3) = 22/24 per axis. Stage 2's stride-2 conv on 8: outputs 0..3
+    # read taps 2o-1..2o+1, only o = 0 loses one: 11/12 per axis; then 3x3 on 4: 10/12.
+    np.testing.assert_allclose(f[0], [(22 / 24) ** 2] * 2)
+    np.testing.assert_allclose(f[1], [(11 / 12) ** 2, (10 / 12) ** 2])
+    mlp = nets.residual_mlp(3, width=8, scheme="none")
+    np.testing.assert_array_equal(padding_factors(mlp, (4, 8)), np.ones((3, 2)))
