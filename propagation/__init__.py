@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {"measure": ("empirical", "measure"), "nets": ("nets", None),
          "compare": ("comparison", "compare"), "diagnose": ("comparison", "diagnose"),
+         "input_state": ("comparison", "input_state"),
          "plot": ("plot", None)}
 
 
@@ -25,5 +26,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["predict", "measure", "compare", "diagnose", "schemes", "register_scheme",
+__all__ = ["predict", "measure", "compare", "diagnose", "input_state", "schemes", "register_scheme",
            "unregister_scheme", "Param", "Profile", "Stats", "OverflowToInfWarning", "nets", "plot"]

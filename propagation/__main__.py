@@ -1,0 +1,183 @@
+"""Command line: ``python -m propagation`` (or the ``propagation`` console script).
+
+Examples:
+  propagation schemes
+  propagation predict --scheme skipinit --alpha 0.1 --depth 100 --json
+  propagation measure --model propagation.nets:resnet_v2 --arg stages=3,4,6,3 --input 64,3,32,32
+  propagation check --model propagation.nets:residual_mlp --arg depth=20 --arg width=256 \\
+      --input 256,256 --scheme batchnorm     # exit status 1 when theory and measurement part
+"""
+import argparse
+import importlib
+import json
+import sys
+
+import numpy as np
+
+EPILOG = __doc__.split("Examples:", 1)[1]
+
+
+def _value(text):
+    """Parse a --arg value: ints, floats, booleans, comma lists (tuples), else the string."""
+    if "," in text:
+        return tuple(_value(t) for t in text.split(",") if t)
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _kv(text):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--arg needs key=value, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), _value(v.strip())
+
+
+def _shape(text):
+    try:
+        shape = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input needs comma-separated ints like 64,3,32,32, "
+                                         f"got {text!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(f"--input dimensions must be >= 1, got {text!r}")
+    return shape
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="propagation", description="Predict, measure and compare "
+                                "signal propagation in residual networks at initialisation.",
+                                epilog="examples:" + EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("schemes", help="list the registered schemes and their parameters")
+
+    def theory_args(sp, required_depth, default_scheme):
+        sp.add_argument("--scheme", default=default_scheme,
+                        help=f"scheme name (default {default_scheme or 'the model.theory scheme'})")
+        sp.add_argument("--alpha", type=float, help="the scheme's alpha (skipinit, nf)")
+        sp.add_argument("--depth", type=int, required=required_depth, help="number of blocks")
+        sp.add_argument("--stages", type=_value, help="blocks per stage, e.g. 3,4,6,3")
+
+    pr = sub.add_parser("predict", help="the infinite-width prediction")
+    theory_args(pr, True, "batchnorm")
+    pr.add_argument("--json", action="store_true", help="print the profile as JSON")
+
+    def model_args(sp):
+        sp.add_argument("--model", required=True,
+                        help="module:callable building the model, e.g. propagation.nets:resnet_v2")
+        sp.add_argument("--arg", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword argument for the model builder (repeatable)")
+        sp.add_argument("--input", type=_shape, required=True, help="input shape, e.g. 64,3,32,32")
+        sp.add_argument("--seeds", type=int, default=1)
+        sp.add_argument("--mode", default="train", choices=("train", "eval", "keep"))
+        sp.add_argument("--channel-axis", type=int, default=1)
+        sp.add_argument("--no-backward", action="store_true", help="forward statistics only")
+
+    me = sub.add_parser("measure", help="measure a model on N(0, 1) inputs")
+    model_args(me)
+    me.add_argument("--json", action="store_true")
+    me.add_argument("--plot", metavar="PNG", help="also draw the profile to this file")
+
+    ch = sub.add_parser("check", help="measure, predict and compare; exit 1 if they part")
+    model_args(ch)
+    theory_args(ch, False, None)
+    ch.add_argument("--width", type=int, help="channels for the finite-width band")
+    ch.add_argument("--json", action="store_true")
+    return p
+
+
+def _build(spec, kwargs, seed):
+    import torch
+    if ":" not in spec:
+        raise ValueError(f"--model must look like module:callable, got {spec!r}")
+    mod, name = spec.split(":", 1)
+    builder = getattr(importlib.import_module(mod), name, None)
+    if builder is None:
+        raise ValueError(f"{mod!r} has no attribute {name!r}")
+    torch.manual_seed(seed)
+    return builder(**kwargs)
+
+
+def _measure(args):
+    import torch
+    import propagation
+    kwargs = dict(args.arg)
+    models = [_build(args.model, kwargs, s) for s in range(args.seeds)]
+
+    def inputs(seed):
+        return torch.randn(args.input, generator=torch.Generator().manual_seed(10_000 + seed))
+    m = propagation.measure(models, inputs, seeds=args.seeds, mode=args.mode,
+                            channel_axis=args.channel_axis, backward=not args.no_backward)
+    return models[0], m
+
+
+def _print_profile(p, out):
+    out.write(f"{'block':>5} {'skip q':>12} {'skip m':>12} {'branch q':>12} {'downscale':>10} "
+              f"{'grad':>10}\n")
+    with np.errstate(all="ignore"):
+        for l in range(p.depth + 1):
+            b = p.branch.second_moment[l] if l < p.depth else np.nan
+            d = p.downscale[l] if l < p.depth else np.nan
+            out.write(f"{l:5d} {p.skip.second_moment[l]:12.5g} {p.skip.squared_mean[l]:12.5g} "
+                      f"{b:12.5g} {d:10.4g} {p.grad.second_moment[l]:10.4g}\n")
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    out = sys.stdout
+    try:
+        import propagation
+        if args.command == "schemes":
+            for name, info in propagation.schemes().items():
+                out.write(f"{name:13} {info}\n")
+            return 0
+        params = {} if getattr(args, "alpha", None) is None else {"alpha": args.alpha}
+        if args.command == "predict":
+            p = propagation.predict(args.depth, args.scheme, stages=args.stages, **params)
+            out.write(p.to_json() + "\n") if args.json else _print_profile(p, out)
+            return 0
+        model, m = _measure(args)
+        if args.command == "measure":
+            out.write(m.to_json() + "\n") if args.json else _print_profile(m, out)
+            if args.plot:
+                propagation.plot.plot_profile(measured=m).figure.savefig(args.plot)
+            return 0
+        theory_kwargs = dict(getattr(model, "theory", {}))
+        if args.scheme is not None:
+            theory_kwargs = {k: v for k, v in theory_kwargs.items()
+                             if k in ("depth", "stages", "project_first", "layers")}
+            theory_kwargs["scheme"] = args.scheme
+        elif "scheme" not in theory_kwargs:
+            raise ValueError("--scheme is needed: the model has no .theory to say which it is")
+        theory_kwargs.update(params)
+        if args.stages is not None:
+            theory_kwargs["stages"] = args.stages
+        theory_kwargs.setdefault("depth", m.depth)
+        if args.depth is not None:
+            theory_kwargs["depth"] = args.depth
+        if isinstance(model, propagation.nets.ResidualNetwork):
+            theory_kwargs["padding_factors"] = propagation.nets.padding_factors(model, args.input)
+        t = propagation.predict(**propagation.input_state(m), **theory_kwargs)
+        r = propagation.compare(t, m, width=args.width)
+        if args.json:
+            out.write(json.dumps(r.to_dict()) + "\n")
+        else:
+            out.write(r.table() + "\n")
+            out.write(str(propagation.diagnose(m)) + "\n")
+        return 0 if r.ok else 1
+    except (ValueError, TypeError, ImportError, RuntimeError, KeyError) as err:
+        sys.stderr.write(f"propagation {args.command}: error: {err}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""compare, input_state and diagnose on profiles whose answer is known."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import propagation
+from propagation import compare, diagnose, predict
+from propagation.profile import Stats
+
+
+def scaled(profile, part, factor, block=None):
+    """A copy of ``profile`` whose ``part`` second moment (and its parts) is scaled."""
+    stats = getattr(profile, part)
+    shift = np.zeros(len(stats)) if block is not None else np.full(len(stats), np.log2(factor))
+    if block is not None:
+        shift[block] = np.log2(factor)
+    new = Stats(*(a + shift for a in (stats.log2_second_moment, stats.log2_squared_mean,
+                                      stats.log2_variance)))
+    return dataclasses.replace(profile, **{part: new}, source="measurement")
+
+
+def test_a_prediction_agrees_with_itself():
+    p = predict(30, "batchnorm")
+    r = compare(p, dataclasses.replace(p, source="measurement"), width=10**9)
+    assert r.ok and all(abs(row.log_ratio) < 1e-12 for row in r.rows)
+    assert "agree" in r.table()
+
+
+@pytest.mark.parametrize("factor, ok", [(1.05, True), (1.2, False), (0.85, False)])
+def test_the_band_is_the_target_in_the_wide_limit(factor, ok):
+    # At width 1e9 the finite-width term vanishes and the band is ln(1.10) for q.
+    p = predict(30, "batchnorm")
+    r = compare(p, scaled(p, "skip", factor, block=17), width=10**9,
+                quantities=("second_moment",))
+    assert r.ok is ok
+    if not ok:
+        assert {(f.part, f.block) for f in r.failures} == {("skip", 17)}
+        assert r.worst.block == 17
+
+
+def test_the_band_widens_with_depth_over_width_for_unnormalised_networks():
+    p = predict(100, "none")
+    narrow = compare(p, p, width=64)
+    wide = compare(p, p, width=4096)
+    band = {w: {(r.part, r.quantity, r.block): r.band for r in c.rows} for w, c in
+            ((64, narrow), (4096, wide))}
+    key_late, key_early = ("skip", "second_moment", 90), ("skip", "second_moment", 5)
+    assert band[64][key_late] > band[64][key_early] > band[4096][key_early]
+    bn = compare(predict(100, "batchnorm"), predict(100, "batchnorm"), width=64)
+    bn_band = {(r.part, r.quantity, r.block): r.band for r in bn.rows}
+    assert bn_band[key_late] < band[64][key_late]
+
+
+def test_finite_batch_term_of_the_squared_mean():
+    p = predict(5, "batchnorm")
+    n = 100.0
+    # What a finite sample of n values per channel measures: m + v / n.
+    m = p.skip.squared_mean + p.skip.variance / n
+    measured = dataclasses.replace(
+        p, source="measurement", meta={"samples_per_channel": [n] * 6, "channels": 10**9},
+        skip=Stats.from_linear(p.skip.second_moment, m, p.skip.second_moment - m))
+    assert compare(p, measured, quantities=("squared_mean",)).ok
+    state = propagation.input_state(measured)
+    assert state["input_squared_mean"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bad_input():
+    p = predict(5, "batchnorm")
+    with pytest.raises(ValueError, match="found 6 residual merges; predict with depth=6"):
+        compare(p, predict(6, "batchnorm"), width=10)
+    with pytest.raises(TypeError, match="theory must be a propagation.Profile"):
+        compare("p", p, width=10)
+    with pytest.raises(ValueError, match="width is needed"):
+        compare(p, p)
+    with pytest.raises(ValueError, match="quantities entry"):
+        compare(p, p, width=10, quantities=("mean",))
+
+
+@pytest.mark.parametrize("scheme, params, law, closest", [
+    ("batchnorm", {}, "linear", "batchnorm"),
+    ("none", {}, "exponential", "none"),
+    ("skipinit", {"alpha": 0.5}, "exponential", "skipinit"),
+    ("fixup", {}, "constant", "fixup"),
+    ("sqrt_half", {}, "constant", "sqrt_half"),
+    ("nf", {"alpha": 0.2}, "linear", "nf"),
+])
+def test_diagnose_recovers_the_law_of_the_theory(scheme, params, law, closest):
+    d = diagnose(predict(40, scheme, **params))
+    assert (d.law, d.closest) == (law, closest), str(d)
+    assert str(d)
+
+
+def test_diagnose_rates():
+    assert "+1.00 per block" in str(diagnose(predict(50, "batchnorm")))
+    assert "x2.00 per block" in str(diagnose(predict(50, "none")))
+    assert "x1.25 per block" in str(diagnose(predict(50, "skipinit", alpha=0.5)))
+    assert "stage boundaries" in str(diagnose(predict(40, "batchnorm", stages=(10, 10, 20))))
