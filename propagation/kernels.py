@@ -53,15 +53,18 @@ def one_minus_kappa(e):
     h = np.arcsin(s) * (1.0 - 2.0 * s2) - s * np.sqrt(1.0 - s2)
     small = s < _S_SERIES
     if small.any():
-        h[small] = _h_series(s[small]) if h.ndim else _h_series(s)
+        h = np.where(small, _h_series(s), h) if h.ndim == 0 else h
+        if h.ndim:
+            h[small] = _h_series(s[small])
     return e + (2.0 / PI) * h
 
 
 def one_minus_kappa_scalar(e):
     """Scalar (``math``) form of :func:`one_minus_kappa` for the sequential recursion."""
-    if not 0.0 < e < 2.0:
-        return 0.0 if e <= 0.0 else 2.0
-    s = math.sqrt(0.5 * e)
+    if e <= 0.0:
+        return 0.0
+    s = math.sqrt(0.5 * min(e, 2.0))
+    e = min(e, 2.0)
     if s < _S_SERIES:
         return e + _2_PI * _h_series(s)
     s2 = s * s
