@@ -24,5 +24,29 @@ test-fast: $(STAMP)
 derivations: $(STAMP)
 	$(PY) -m derivations
 
+# --- figures: one script per figure; each writes <ID>.json, <ID>.pdf and, last, <ID>.png,
+# the target. A figure is rebuilt when its script, the shared script code or the package
+# changes, so a second `make figures` does nothing; `make -j2 figures` builds two at once.
+PKG_SOURCES := $(wildcard propagation/*.py)
+FIG_DEPS    := figures/_common.py $(PKG_SOURCES)
+FIG_OUT     := figures/out
+FIGURES     := F1 F2 F3 F4
+
+# $(call figure_rules,ID,script): the full figure in $(FIG_OUT), the quick one in $(FIG_OUT)/quick.
+define figure_rules
+$(FIG_OUT)/$(1).png: $(2) $$(FIG_DEPS) | $$(STAMP)
+	$$(PY) $(2) --out $(FIG_OUT)
+$(FIG_OUT)/quick/$(1).png: $(2) $$(FIG_DEPS) | $$(STAMP)
+	$$(PY) $(2) --quick --out $(FIG_OUT)/quick
+endef
+$(eval $(call figure_rules,F1,figures/f1_statistics.py))
+$(eval $(call figure_rules,F2,figures/f2_sqrt_depth.py))
+$(eval $(call figure_rules,F3,figures/f3_signal_propagation.py))
+$(eval $(call figure_rules,F4,figures/f4_gradients.py))
+
+figures: $(FIGURES:%=$(FIG_OUT)/%.png)
+
+figures-quick: $(FIGURES:%=$(FIG_OUT)/quick/%.png)
+
 clean:
 	rm -rf figures/out .pytest_cache
