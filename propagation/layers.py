@@ -59,6 +59,9 @@ class Layer:
     resets = False
     #: True for weight layers (convolutions, dense layers): the ones zero padding shrinks.
     weight = False
+    #: True when the output's scale does not follow the input's (BatchNorm, LayerNorm): a
+    #: finite network's random drift of the input scale stops here.
+    normalises = False
 
     def forward(self, lq, e, l, B):
         raise NotImplementedError
@@ -141,6 +144,7 @@ class BatchNorm(Layer):
     """BatchNorm in train mode, gamma = 1, beta = 0: every channel to mean 0, variance 1."""
 
     resets = True
+    normalises = True
 
     def forward(self, lq, e, l, B):
         return B.const(0.0, lq), B.const(1.0, e)
@@ -151,6 +155,8 @@ class BatchNorm(Layer):
 
 class LayerNorm(Layer):
     """LayerNorm over channels, per example: q to 1, correlations between inputs kept."""
+
+    normalises = True
 
     def forward(self, lq, e, l, B):
         return B.const(0.0, lq), e
@@ -165,6 +171,9 @@ class Gain(Layer):
     def __init__(self, a):
         self.a = float(a)
         self._lg = _log2(self.a * self.a)
+        # A zero gain outputs exactly zero whatever its input: predict can then treat the
+        # branch as independent of the skip path and vectorise over blocks.
+        self.resets = self.a == 0.0
 
     def forward(self, lq, e, l, B):
         return lq + self._lg, e

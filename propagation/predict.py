@@ -88,7 +88,14 @@ def predict(depth, scheme="batchnorm", *, stages=None, project_first=True, layer
                    meta={"input_second_moment": q0, "input_squared_mean": m0,
                          # share of the gradient at each block input that came through the
                          # branch: compare uses it for the finite-width band of gradients
-                         "grad_branch_share": share.tolist()})
+                         "grad_branch_share": share.tolist(),
+                         # whether a normalisation stops the drift of a finite network's scale
+                         # in the branch, before the projection, after the merge (compare)
+                         "normalised": {part: any(layer.normalises or layer.resets
+                                                  for layer in layers)
+                                        for part, layers in (("branch", block.pre + block.branch),
+                                                             ("pre", block.pre),
+                                                             ("post", block.post))}})
 
 
 def _with_padding(block, plan, factors):
