@@ -50,3 +50,6 @@ figures-quick: $(FIGURES:%=$(FIG_OUT)/quick/%.png)
 
 clean:
 	rm -rf figures/out .pytest_cache
+
+bench: $(STAMP)
+	$(PY) bench/run.py
