@@ -44,7 +44,11 @@ $(eval $(call figure_rules,F2,figures/f2_sqrt_depth.py))
 $(eval $(call figure_rules,F3,figures/f3_signal_propagation.py))
 $(eval $(call figure_rules,F4,figures/f4_gradients.py))
 
-figures: $(FIGURES:%=$(FIG_OUT)/%.png)
+figures: $(FIGURES:%=$(FIG_OUT)/%.png) $(FIG_OUT)/agreement.md
+
+# The gate's agreement table (scheme x depth x quantity), from the gate's own configuration.
+$(FIG_OUT)/agreement.md: figures/agreement.py tests/test_gate.py $(PKG_SOURCES) | $(STAMP)
+	$(PY) figures/agreement.py --out $(FIG_OUT)
 
 figures-quick: $(FIGURES:%=$(FIG_OUT)/quick/%.png)
 

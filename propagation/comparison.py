@@ -56,6 +56,8 @@ class Row:
     centre: float
     band: float
     ok: bool
+    resolved: bool = True  # False: the prediction lies below what the network can resolve,
+    #                        and only an upper limit (the floor's 3-sigma level) is checked
 
 
 @dataclass(frozen=True)
@@ -77,12 +79,15 @@ class Comparison:
     @property
     def worst(self):
         """The row furthest outside (or least inside) its band, relative to the band."""
-        return max(self.rows, key=lambda r: abs(r.log_ratio - r.centre) / r.band)
+        rows = [r for r in self.rows if r.resolved] or self.rows
+        return max(rows, key=lambda r: abs(r.log_ratio - r.centre) / r.band)
 
     def summary(self):
         """Worst |log-ratio - centre| and its band per (part, quantity)."""
         out = {}
         for r in self.rows:
+            if not r.resolved and r.ok:
+                continue
             key = (r.part, r.quantity)
             dev = abs(r.log_ratio - r.centre)
             if key not in out or dev / r.band > out[key][0] / out[key][1]:
@@ -221,7 +226,7 @@ def compare(theory, measured, *, width=None, quantities=("second_moment", "squar
                 ok = bool(m2 <= limit)
                 rows.append(Row(part, quantity, l, float(np.exp2(floor_log2[l])), float(np.exp2(m2)),
                                 float((m2 - floor_log2[l]) * math.log(2.0)), 0.0,
-                                math.log(9.0), ok))
+                                math.log(9.0), ok, resolved=False))
                 continue
             lr = (m2 - p2) * math.log(2.0)
             # The theory is the mean of the second moment (and of G); the median of a
