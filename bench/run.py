@@ -112,11 +112,16 @@ def main():
           f"train mode, 1 thread, median of {reps}")
 
     print("\n1-2. time of measure / bare pass of the same model and input")
-    print(f"{'blocks':>7} {'fwd bare s':>11} {'measure fwd':>12} {'fwd+bwd bare s':>15} "
-          f"{'measure grad':>13} {'store-all fwd':>14}")
-    for depth in depths:
-        model = build(depth, width)
-        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    print(f"{'blocks':>7} {'width':>6} {'batch':>6} {'size':>5} {'fwd bare s':>11} "
+          f"{'measure fwd':>12} {'fwd+bwd bare s':>15} {'measure grad':>13} {'store-all fwd':>14}")
+    # The small configuration at every depth, and one nearer real use (width 64, 32x32),
+    # where the convolutions, not the per-call bookkeeping, set the pace.
+    configs = [(d, width, batch, size, reps) for d in depths]
+    if not args.quick:
+        configs.append((100, 64, 8, 32, 3))
+    for depth, width_, batch_, size_, reps_ in configs:
+        model = build(depth, width_)
+        x = torch.randn(batch_, 3, size_, size_, generator=torch.Generator().manual_seed(1))
 
         def bare_fwd():
             with torch.no_grad():
@@ -127,13 +132,13 @@ def main():
             out = model(xx)
             g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
             torch.autograd.grad((g * out).sum(), [xx])
-        t_fwd = median_time(bare_fwd, reps)
-        t_mf = median_time(lambda: propagation.measure(model, x, backward=False), reps)
-        t_fb = median_time(bare_fwd_bwd, reps)
-        t_mg = median_time(lambda: propagation.measure(model, x), reps)
-        t_st = median_time(lambda: store_everything(model, x), reps)
-        print(f"{depth:7d} {t_fwd:11.4f} {t_mf / t_fwd:11.3f}x {t_fb:15.4f} {t_mg / t_fb:12.3f}x "
-              f"{t_st / t_fwd:13.3f}x")
+        t_fwd = median_time(bare_fwd, reps_)
+        t_mf = median_time(lambda: propagation.measure(model, x, backward=False), reps_)
+        t_fb = median_time(bare_fwd_bwd, reps_)
+        t_mg = median_time(lambda: propagation.measure(model, x), reps_)
+        t_st = median_time(lambda: store_everything(model, x), reps_)
+        print(f"{depth:7d} {width_:6d} {batch_:6d} {size_:5d} {t_fwd:11.4f} {t_mf / t_fwd:11.3f}x "
+              f"{t_fb:15.4f} {t_mg / t_fb:12.3f}x {t_st / t_fwd:13.3f}x")
 
     print("\n3-4. peak memory added by one forward pass (fresh process each), MiB and ratio")
     print(f"{'blocks':>7} {'bare no-grad':>13} {'measure fwd':>12} {'ratio':>7} "

@@ -195,18 +195,27 @@ def _first_tensor(out):
 # --- statistics --------------------------------------------------------------------------------
 
 def _channel_stats(t, channel_axis):
-    """(second moment, squared mean, variance) averaged over channels, as a float64 tensor."""
+    """(second moment, squared mean, variance) averaged over channels, as a float64 tensor.
+
+    Two passes over a (batch, channel, rest) view: the channel means, then the mean squared
+    deviation from them. Centring first keeps the variance exact when it is a small
+    remainder of the second moment (rho -> 1), and reducing the contiguous last axis first
+    is several times faster on CPU than torch.var_mean over (0, 2, 3).
+    """
     t = t.detach()
     if t.dim() < 2:
         t = t.reshape(-1, 1)
         axis = 1
     else:
         axis = channel_axis % t.dim()
-    dims = [d for d in range(t.dim()) if d != axis]
-    var, mean = torch.var_mean(t, dim=dims, correction=0)
+    if axis != 1:
+        t = t.movedim(axis, 1)
+    v = t.reshape(t.shape[0], t.shape[1], -1)
+    mean = v.mean(dim=-1).mean(dim=0)  # equal group sizes: the exact channel mean
+    var = (v - mean[None, :, None]).square_().mean(dim=-1).mean(dim=0)
     sq = (mean.double() ** 2).mean()
-    v = var.double().mean()
-    return torch.stack((sq + v, sq, v))
+    var = var.double().mean()
+    return torch.stack((sq + var, sq, var))
 
 
 def _channels(t, channel_axis):
@@ -221,16 +230,26 @@ class _Recorder:
         self.merges = []      # per merge: dict(skip, branch, sum stats, projection, numel)
         self.grads = {}       # merge index -> grad stats at the skip operand; -1: last sum
         self._hooked = WeakIdKeyDictionary()
+        self._cache = WeakIdKeyDictionary()  # tensor -> (version, statistics)
         self._handles = []
         self._last_sum = None
 
-    def record(self, skip, branch, total, projection):
+    def stats(self, t):
+        """Channel statistics of ``t``, reused when the same unmodified tensor comes again
+        (in a chain of identity blocks each merge's sum is the next merge's skip operand)."""
+        hit = self._cache.get(t)
+        if hit is not None and hit[0] == t._version:
+            return hit[1]
+        out = _channel_stats(t, self.channel_axis)
+        self._cache[t] = (t._version, out)
+        return out
+
+    def record(self, skip, skip_stats, branch_stats, total, projection):
         k = len(self.merges)
-        ax = self.channel_axis
-        self.merges.append({"skip": _channel_stats(skip, ax), "branch": _channel_stats(branch, ax),
-                            "sum": _channel_stats(total, ax), "projection": projection,
-                            "numel_skip": skip.numel(), "numel_sum": total.numel(),
-                            "channels": _channels(total, ax)})
+        self.merges.append({"skip": skip_stats, "branch": branch_stats, "sum": self.stats(total),
+                            "projection": projection, "numel_skip": skip.numel(),
+                            "numel_sum": total.numel(),
+                            "channels": _channels(total, self.channel_axis)})
         self._hook(skip, k)
         self._last_sum = total
         return k
@@ -331,8 +350,7 @@ class _MergeFinder(TorchFunctionMode):
             if merge is not None:
                 skip, branch, projection = merge
                 # Operand statistics before the call: an in-place add overwrites one of them.
-                pre = (_channel_stats(skip, self.recorder.channel_axis),
-                       _channel_stats(branch, self.recorder.channel_axis))
+                pre = (self.recorder.stats(skip), self.recorder.stats(branch))
         out = func(*args, **kwargs)
         parents = tuple(self._node(a) for a in _tensor_args(args, kwargs))
         node = len(self.parents)
@@ -340,8 +358,7 @@ class _MergeFinder(TorchFunctionMode):
         for t in _tensor_outputs(out):
             self.node_of[t] = node
         if merge is not None:
-            k = self.recorder.record(skip, branch, out, projection)
-            self.recorder.merges[k]["skip"], self.recorder.merges[k]["branch"] = pre
+            self.recorder.record(skip, pre[0], pre[1], out, projection)
         return out
 
     def _merge_operands(self, a, b):
@@ -435,7 +452,8 @@ def _block_hook(recorder):
         if not isinstance(output, torch.Tensor):
             return None
         if isinstance(x, torch.Tensor) and x.shape == output.shape:
-            recorder.record(x, output - x, output, projection=False)
+            recorder.record(x, recorder.stats(x), _channel_stats(output - x, recorder.channel_axis),
+                            output, projection=False)
         else:
             recorder.record_missing_skip(output)
         return None
