@@ -532,31 +532,46 @@ def _check_input(x, model, channel_axis):
     return x
 
 
+class ModelChangedWarning(RuntimeWarning):
+    """The model modified its own parameters in place during the forward pass."""
+
+
 @contextlib.contextmanager
 def _untouched(model):
-    """Restore parameters, buffers, training flags and the RNG state on the way out."""
+    """Restore buffers, parameters' flags and gradients, training flags and the RNG state.
+
+    Buffers (BatchNorm's running statistics, counters) are copied and written back.
+    Parameters are not copied, which would double the model's memory: measure never writes
+    them, and their version counters tell if the model's own forward pass did.
+    """
     training = [(m, m.training) for m in model.modules()]
     buffers = [(mod, name, buf, buf.detach().clone()) for mod in model.modules()
                for name, buf in mod._buffers.items() if buf is not None]
-    params = [(mod, name, p, p.detach().clone(), p.requires_grad, p.grad)
+    params = [(mod, name, p, p._version, p.requires_grad, p.grad)
               for mod in model.modules() for name, p in mod._parameters.items() if p is not None]
     rng = torch.get_rng_state()
     try:
         yield
     finally:
+        changed = []
         with torch.no_grad():
             for mod, name, buf, saved in buffers:
                 mod._buffers[name] = buf
                 buf.copy_(saved)
-            for mod, name, p, saved, req, grad in params:
+            for mod, name, p, version, req, grad in params:
                 mod._parameters[name] = p
-                if not torch.equal(p, saved):
-                    p.copy_(saved)
+                if p._version != version:
+                    changed.append(name)
                 p.requires_grad_(req)
                 p.grad = grad
         for m, flag in training:
             m.training = flag
         torch.set_rng_state(rng)
+        if changed:
+            warnings.warn(f"the model's forward pass modified parameters in place "
+                          f"({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); "
+                          f"measure restored buffers and flags but cannot restore those",
+                          ModelChangedWarning, stacklevel=3)
 
 
 def _median(samples):

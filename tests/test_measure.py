@@ -321,3 +321,19 @@ def test_bad_input(model, inputs, kwargs, error, words):
         propagation.measure(model, inputs, **kwargs)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+def test_a_model_that_changes_its_own_parameters_is_reported():
+    from propagation.empirical import ModelChangedWarning
+
+    class SelfEditing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = MLPBlock(8)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.block.l1.weight.mul_(1.0)  # an in-place write, as weight-norm hacks do
+            return self.block(x)
+    with pytest.warns(ModelChangedWarning, match="block.l1.weight|weight"):
+        propagation.measure(SelfEditing(), torch.randn(16, 8))
