@@ -441,14 +441,7 @@ def _scheme(scheme, params):
         raise ValueError(f"scheme {scheme!r} was re-registered with another build, so the "
                          f"reference network no longer matches it; networks exist for the "
                          f"built-in: {supported}")
-    clean = spec.defaults()
-    for name, value in params.items():
-        if name not in spec.params:
-            allowed = ", ".join(spec.params) or "none"
-            raise TypeError(f"scheme {scheme!r} takes no parameter {name!r} (its parameters: "
-                            f"{allowed})" + _checks.close_names(name, spec.params))
-        clean[name] = spec.params[name].clean(name, value)
-    return _NETWORKS[scheme], clean
+    return _NETWORKS[scheme], spec.clean_params(params)
 
 
 def _stages(stages):

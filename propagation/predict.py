@@ -62,13 +62,7 @@ def predict(depth, scheme="batchnorm", *, stages=None, project_first=True, layer
     """
     spec = get_scheme(scheme)
     plan = make_plan(depth, stages, project_first, layers)
-    clean = spec.defaults()
-    for name, value in params.items():
-        if name not in spec.params:
-            allowed = ", ".join(spec.params) or "none"
-            raise TypeError(f"scheme {spec.name!r} takes no parameter {name!r} (its parameters: "
-                            f"{allowed})" + _checks.close_names(name, spec.params))
-        clean[name] = spec.params[name].clean(name, value)
+    clean = spec.clean_params(params)
     q0 = _checks.finite_float("input_second_moment", input_second_moment, low=0.0)
     if q0 == 0.0:
         raise ValueError("input_second_moment must be > 0, got 0.0")

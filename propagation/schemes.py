@@ -53,6 +53,17 @@ class Scheme:
     def defaults(self):
         return {k: p.default for k, p in self.params.items()}
 
+    def clean_params(self, params):
+        """The defaults updated with ``params``, each checked; unknown names are a TypeError."""
+        clean = self.defaults()
+        for name, value in params.items():
+            if name not in self.params:
+                allowed = ", ".join(self.params) or "none"
+                raise TypeError(f"scheme {self.name!r} takes no parameter {name!r} (its "
+                                f"parameters: {allowed})" + _checks.close_names(name, self.params))
+            clean[name] = self.params[name].clean(name, value)
+        return clean
+
 
 _REGISTRY: dict = {}
 
