@@ -57,7 +57,11 @@ def main(argv=None):
         q0 = sum(q for q, _ in x0) / len(x0)
         m0 = sum(m for _, m in x0) / len(x0)
         inputs_state[scheme] = {"input_second_moment": q0, "input_squared_mean": m0}
-        kwargs = _common.predict_kwargs(models[0].theory, **inputs_state[scheme])
+        # Zero padding of the 3x3 convolutions (0.69 of the second moment on the 4x4 maps
+        # of the last stage) is part of this finite network's theory.
+        kwargs = _common.predict_kwargs(
+            models[0].theory, **inputs_state[scheme],
+            padding_factors=nets.padding_factors(models[0], shape).tolist())
         theory = propagation.predict(**kwargs)
         measured = propagation.measure(models, xs, seeds=s["seeds"], backward=False,
                                        mode=s["mode"], progress=False)
@@ -88,7 +92,8 @@ def main(argv=None):
                f"{s['batch']} i.i.d. N(0, 1) images of 3x{s['image']}x{s['image']}; "
                f"{s['seeds']} seeds (weights and batch); measure in {s['mode']} mode "
                f"(batch statistics), {s['dtype']}, forward only. Points: median over seeds, "
-               f"bars: min-max; lines: propagation.predict(**model.theory) started from the "
+               f"bars: min-max; lines: propagation.predict(**model.theory) with the zero padding "
+               f"of its convolutions (nets.padding_factors), started from the "
                f"measured x_0 (stem output) state "
                + ", ".join(f"{k}: q0={v['input_second_moment']:.3f}, "
                            f"m0={v['input_squared_mean']:.4f}" for k, v in inputs_state.items())

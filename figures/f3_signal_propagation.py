@@ -52,7 +52,9 @@ def main(argv=None):
         state = {"input_second_moment": sum(q for q, _ in x0) / len(x0),
                  "input_squared_mean": sum(m for _, m in x0) / len(x0)}
         inputs_state[scheme] = state
-        kwargs = _common.predict_kwargs(models[0].theory, **state)
+        kwargs = _common.predict_kwargs(
+            models[0].theory, **state,
+            padding_factors=nets.padding_factors(models[0], shape).tolist())
         theory = propagation.predict(**kwargs)
         measured = propagation.measure(models, xs, seeds=s["seeds"], backward=False,
                                        mode=s["mode"], progress=False)
@@ -88,7 +90,8 @@ def main(argv=None):
                f"and batch); measure in {s['mode']} mode, {s['dtype']}, forward only. Skip = "
                f"the skip operand of each merge (the projection at stage starts), then the "
                f"network output. Points: median over seeds, bars: min-max; lines: "
-               f"propagation.predict(**model.theory) started from the measured x_0 state "
+               f"propagation.predict(**model.theory) with nets.padding_factors, started from the "
+               f"measured x_0 state "
                + ", ".join(f"{k}: q0={v['input_second_moment']:.3f}, "
                            f"m0={v['input_squared_mean']:.4f}" for k, v in inputs_state.items())
                + ". Top: linear axes (Brock et al.); bottom: log axes (a zero theory, "
