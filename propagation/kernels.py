@@ -61,14 +61,20 @@ def one_minus_kappa(e):
 
 def one_minus_kappa_scalar(e):
     """Scalar (``math``) form of :func:`one_minus_kappa` for the sequential recursion."""
+    # Written for speed: it runs twice per block in predict's sequential loop.
     if e <= 0.0:
         return 0.0
-    s = math.sqrt(0.5 * min(e, 2.0))
-    e = min(e, 2.0)
-    if s < _S_SERIES:
-        return e + _2_PI * _h_series(s)
-    s2 = s * s
-    return e + _2_PI * (math.asin(s) * (1.0 - 2.0 * s2) - s * math.sqrt(1.0 - s2))
+    if e > 2.0:
+        e = 2.0
+    s = _sqrt(0.5 * e)
+    s2 = s * s  # not 0.5 * e: h's cancellation wants asin(s) and s^2 of the same s
+    if s < _S_SERIES:  # _h_series, inlined
+        return e + _2_PI * ((((((_C5 * s2 + _C4) * s2 + _C3) * s2 + _C2) * s2 + _C1) * s2
+                             + _C0) * s2 * s)
+    return e + _2_PI * (_asin(s) * (1.0 - 2.0 * s2) - s * _sqrt(1.0 - s2))
+
+
+_sqrt, _asin = math.sqrt, math.asin
 
 
 _2_PI = 2.0 / PI

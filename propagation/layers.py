@@ -69,6 +69,16 @@ class Layer:
     def backward(self, lq, e, l, B):
         raise NotImplementedError
 
+    def scalar_code(self):
+        """Optional: the scalar forward map as Python source, for predict's sequential loop.
+
+        Returns (lines, constants): lines use ``{q}`` and ``{e}`` for the state and ``{k}``
+        as a suffix for this layer's constants, ``omk`` for the kernel and ``l`` for the
+        block; ``None`` (the default) makes the loop call :meth:`forward` instead. Tests
+        check every layer's code against its forward.
+        """
+        return None
+
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
@@ -86,6 +96,9 @@ class ReLUWeight(Layer):
     def forward(self, lq, e, l, B):
         return lq + self._lg, B.omk(e)
 
+    def scalar_code(self):
+        return ["{q} = {q} + g{k}", "{e} = omk({e})"], {"g{k}": self._lg}
+
     def backward(self, lq, e, l, B):
         return B.const(self._lg, lq)
 
@@ -95,6 +108,9 @@ class ReLU(Layer):
 
     def forward(self, lq, e, l, B):
         return lq - 1.0, B.omk(e)
+
+    def scalar_code(self):
+        return ["{q} = {q} - 1.0", "{e} = omk({e})"], {}
 
     def backward(self, lq, e, l, B):
         return B.const(-1.0, lq)
@@ -111,6 +127,9 @@ class Linear(Layer):
 
     def forward(self, lq, e, l, B):
         return lq + self._lg, e
+
+    def scalar_code(self):
+        return ["{q} = {q} + g{k}"], {"g{k}": self._lg}
 
     def backward(self, lq, e, l, B):
         return B.const(self._lg, lq)
@@ -136,6 +155,9 @@ class ReLUScaledWS(Layer):
     def forward(self, lq, e, l, B):
         return lq + self._lq, B.omk(e) / self._c
 
+    def scalar_code(self):
+        return ["{q} = {q} + g{k}", "{e} = omk({e}) / c{k}"], {"g{k}": self._lq, "c{k}": self._c}
+
     def backward(self, lq, e, l, B):
         return B.const(self._lb, lq)
 
@@ -149,6 +171,9 @@ class BatchNorm(Layer):
     def forward(self, lq, e, l, B):
         return B.const(0.0, lq), B.const(1.0, e)
 
+    def scalar_code(self):
+        return ["{q} = 0.0", "{e} = 1.0"], {}
+
     def backward(self, lq, e, l, B):
         return -(lq + B.log2(e))
 
@@ -160,6 +185,9 @@ class LayerNorm(Layer):
 
     def forward(self, lq, e, l, B):
         return B.const(0.0, lq), e
+
+    def scalar_code(self):
+        return ["{q} = 0.0"], {}
 
     def backward(self, lq, e, l, B):
         return -lq
@@ -178,6 +206,9 @@ class Gain(Layer):
     def forward(self, lq, e, l, B):
         return lq + self._lg, e
 
+    def scalar_code(self):
+        return ["{q} = {q} + g{k}"], {"g{k}": self._lg}
+
     def backward(self, lq, e, l, B):
         return B.const(self._lg, lq)
 
@@ -193,6 +224,9 @@ class BlockGain(Layer):
 
     def forward(self, lq, e, l, B):
         return lq + (self._la2_list[l] if B is MATH else self._la2[l]), e
+
+    def scalar_code(self):
+        return ["{q} = {q} + a{k}[l]"], {"a{k}": self._la2_list}
 
     def backward(self, lq, e, l, B):
         return self._la2_list[l] if B is MATH else self._la2[l]

@@ -181,3 +181,36 @@ def test_padding_factors_scale_each_weight_layer():
         predict(6, "none", padding_factors=(0.9, 0.8, 0.7))
     with pytest.raises(ValueError, match="padding_factors must lie in"):
         predict(6, "none", padding_factors=(0.0, 0.8))
+
+
+def _reference_scan(block, plan, lq, e):
+    """The block recursion written plainly with each layer's ``forward`` (no compiled code)."""
+    from propagation.layers import MATH, run
+    from propagation.predict import _merge
+    lq_x, e_x = [], []
+    for l in range(plan.depth):
+        lq_x.append(lq)
+        e_x.append(e)
+        p = run(block.pre, lq, e, l, MATH)
+        b = run(block.branch, *p, l, MATH)
+        if plan.projection[l]:
+            s = run(block.projection, *p, l, MATH)
+        else:
+            s = (lq + (2 * math.log2(block.skip_gain) if block.skip_gain else -math.inf), e)
+        lq, e = run(block.post, *_merge(*s, *b, MATH), l, MATH)
+    return np.array(lq_x), np.array(e_x)
+
+
+@pytest.mark.parametrize("name, params", scheme_cases())
+def test_compiled_scan_equals_the_layers_forward(name, params):
+    from propagation.predict import _with_padding
+    spec = get_scheme(name)
+    block = spec.build(STAGED, **{**spec.defaults(), **params})
+    n_weights = sum(layer.weight for layer in block.branch)
+    padded = _with_padding(block, STAGED, np.linspace(0.7, 1.0, n_weights))
+    for b in (block, padded):
+        got = _block_inputs_scan(b, STAGED, math.log2(1.7), 0.8)
+        want = _reference_scan(b, STAGED, math.log2(1.7), 0.8)
+        # The same operations in the same order: equal to the last bit.
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
