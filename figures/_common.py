@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 import propagation
-from propagation import plot
+from propagation import nets, plot
 
 
 def parse_args(figure_id, description, argv=None):
@@ -57,11 +57,21 @@ def gaussian_input(seed, shape, dtype=None):
     return torch.randn(shape, generator=gen).to(dtype or torch.float32)
 
 
-def channel_stats(t):
-    """(second moment, average channel squared mean) of a (N, C, ...) tensor, as floats."""
-    t = t.detach().double()
-    dims = [d for d in range(t.dim()) if d != 1]
-    return float((t ** 2).mean()), float((t.mean(dim=dims) ** 2).mean())
+def measure_and_predict(build, shape, seeds, mode):
+    """Measure ``seeds`` seeded initialisations of ``build()`` on their own N(0, 1) batches
+    (forward only) and predict the same finite network: ``model.theory`` with the zero
+    padding of its convolutions, started from the measured state of x_0 (the stem output).
+
+    Returns (measured, theory, predict kwargs as JSON, input state).
+    """
+    models = [seeded(seed, build) for seed in range(seeds)]
+    xs = [gaussian_input(seed, shape) for seed in range(seeds)]
+    measured = propagation.measure(models, xs, seeds=seeds, backward=False, mode=mode,
+                                   progress=False)
+    state = propagation.input_state(measured)
+    kwargs = predict_kwargs(models[0].theory, **state,
+                            padding_factors=nets.padding_factors(models[0], shape).tolist())
+    return measured, propagation.predict(**kwargs), kwargs, state
 
 
 def jsonable(a):

@@ -14,7 +14,6 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-import propagation
 from propagation import nets, plot
 
 import _common
@@ -38,7 +37,7 @@ def settings(quick, seeds):
 
 def main(argv=None):
     args = _common.parse_args(FIGURE, "statistics at initialisation, ResNet-50-V2", argv)
-    torch = _common.setup_torch(args.threads)
+    _common.setup_torch(args.threads)
     started = time.time()
     s = settings(args.quick, args.seeds)
     shape = (s["batch"], 3, s["image"], s["image"])
@@ -49,22 +48,8 @@ def main(argv=None):
         def build():
             return nets.resnet_v2(s["stages"], s["width"], scheme, block=s["block"],
                                   stem=s["stem"], num_classes=10, **params)
-        models = [_common.seeded(seed, build) for seed in range(s["seeds"])]
-        xs = [_common.gaussian_input(seed, shape) for seed in range(s["seeds"])]
-        # The theory's input state is x_0, the stem's output, measured on the same batches.
-        with torch.no_grad():
-            x0 = [_common.channel_stats(m.stem(x)) for m, x in zip(models, xs)]
-        q0 = sum(q for q, _ in x0) / len(x0)
-        m0 = sum(m for _, m in x0) / len(x0)
-        inputs_state[scheme] = {"input_second_moment": q0, "input_squared_mean": m0}
-        # Zero padding of the 3x3 convolutions (0.69 of the second moment on the 4x4 maps
-        # of the last stage) is part of this finite network's theory.
-        kwargs = _common.predict_kwargs(
-            models[0].theory, **inputs_state[scheme],
-            padding_factors=nets.padding_factors(models[0], shape).tolist())
-        theory = propagation.predict(**kwargs)
-        measured = propagation.measure(models, xs, seeds=s["seeds"], backward=False,
-                                       mode=s["mode"], progress=False)
+        measured, theory, kwargs, inputs_state[scheme] = _common.measure_and_predict(
+            build, shape, s["seeds"], s["mode"])
         for col, quantity in enumerate(QUANTITIES):
             ax = axes[row, col]
             for part, color, name in (("skip", "C0", "skip path"),
@@ -81,7 +66,6 @@ def main(argv=None):
             if np.all(np.isneginf(theory.branch.log2_second_moment)):
                 ax.text(0.5, 0.05, "branch = 0 at init (alpha = 0): not drawn on log axes",
                         transform=ax.transAxes, ha="center", fontsize=7, color="C3")
-        del models
     axes[0, 0].legend(fontsize=7, title="lines: theory; points: measured\nmedian, bars: min-max "
                       "over seeds",
                       title_fontsize=7)

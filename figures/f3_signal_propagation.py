@@ -14,7 +14,6 @@ import time
 
 from tqdm.auto import tqdm
 
-import propagation
 from propagation import nets, plot
 
 import _common
@@ -36,7 +35,7 @@ def settings(quick, seeds):
 
 def main(argv=None):
     args = _common.parse_args(FIGURE, "signal propagation plots, ResNet-V2", argv)
-    torch = _common.setup_torch(args.threads)
+    _common.setup_torch(args.threads)
     started = time.time()
     s = settings(args.quick, args.seeds)
     shape = (s["batch"], 3, s["image"], s["image"])
@@ -45,20 +44,8 @@ def main(argv=None):
         def build():
             return nets.resnet_v2(s["stages"], s["width"], scheme, block=s["block"],
                                   stem=s["stem"], num_classes=10)
-        models = [_common.seeded(seed, build) for seed in range(s["seeds"])]
-        xs = [_common.gaussian_input(seed, shape) for seed in range(s["seeds"])]
-        with torch.no_grad():
-            x0 = [_common.channel_stats(m.stem(x)) for m, x in zip(models, xs)]
-        state = {"input_second_moment": sum(q for q, _ in x0) / len(x0),
-                 "input_squared_mean": sum(m for _, m in x0) / len(x0)}
-        inputs_state[scheme] = state
-        kwargs = _common.predict_kwargs(
-            models[0].theory, **state,
-            padding_factors=nets.padding_factors(models[0], shape).tolist())
-        theory = propagation.predict(**kwargs)
-        measured = propagation.measure(models, xs, seeds=s["seeds"], backward=False,
-                                       mode=s["mode"], progress=False)
-        del models
+        measured, theory, kwargs, inputs_state[scheme] = _common.measure_and_predict(
+            build, shape, s["seeds"], s["mode"])
         measured_all.append(measured)
         theory_all.append(theory)
         labels.append(label)
