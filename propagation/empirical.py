@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _checks
-from .profile import Profile, Stats
+from .profile import Profile, Stats, quantile_over
 
 _ADDS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
                    torch.Tensor.__iadd__, torch.Tensor.__radd__})
@@ -110,7 +110,7 @@ def measure(model, inputs, *, seeds=1, loss=None, backward=True, channel_axis=1,
                          f"{[s.depth for s in samples]}; measure one architecture at a time")
     if n == 1:
         return samples[0]
-    median = _median(samples)
+    median = quantile_over(samples, 0.5)
     meta = {**samples[0].meta, "seeds": n}
     return Profile(skip=median[0], branch=median[1], grad=median[2], depth=samples[0].depth,
                    projection=samples[0].projection, source="measurement",
@@ -572,18 +572,6 @@ def _untouched(model):
                           f"({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); "
                           f"measure restored buffers and flags but cannot restore those",
                           ModelChangedWarning, stacklevel=3)
-
-
-def _median(samples):
-    def part(name):
-        out = []
-        for q in ("second_moment", "squared_mean", "variance"):
-            stack = np.stack([getattr(getattr(s, name), f"log2_{q}") for s in samples])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                out.append(np.nanmedian(stack, axis=0))
-        return Stats(*out)
-    return part("skip"), part("branch"), part("grad")
 
 
 def _stderr_is_tty():

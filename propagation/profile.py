@@ -118,14 +118,8 @@ class Profile:
         if not self.samples:
             raise ValueError("quantile needs a profile measured over several seeds "
                              "(samples is empty); pass seeds=3 or more to measure")
-        def over(part):
-            stacks = [np.stack([getattr(getattr(s, part), f"log2_{k}") for s in self.samples])
-                      for k in QUANTITIES]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                return Stats(*(np.nanquantile(st, q, axis=0) for st in stacks))
-        return replace(self, skip=over("skip"), branch=over("branch"), grad=over("grad"),
-                       samples=())
+        skip, branch, grad = quantile_over(self.samples, q)
+        return replace(self, skip=skip, branch=branch, grad=grad, samples=())
 
     def to_dict(self):
         """A JSON-ready dict (linear and log2 values; ``samples`` included)."""
@@ -155,6 +149,20 @@ class Profile:
         head = f"{self.scheme}" if self.scheme else "model"
         return (f"Profile({self.source}: {head}, depth={self.depth}, "
                 f"seeds={len(self.samples) or 1}, params={self.params})")
+
+
+def quantile_over(profiles, q):
+    """Per-position quantile ``q`` of (skip, branch, grad) over profiles of one network,
+    taken on the log2 values and ignoring NaN (a quantity a sample did not measure)."""
+    def over(part):
+        stats = []
+        for k in QUANTITIES:
+            stack = np.stack([getattr(getattr(p, part), f"log2_{k}") for p in profiles])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN positions stay NaN
+                stats.append(np.nanquantile(stack, q, axis=0))
+        return Stats(*stats)
+    return over("skip"), over("branch"), over("grad")
 
 
 def _jsonable(a):
