@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks
-from .profile import QUANTITIES, Profile
+from .profile import Profile
 
 #: Target relative tolerances (ln(1 + t) in log space) per quantity, from issue 4.
 TOLERANCE = {"second_moment": 0.10, "squared_mean": 0.15, "variance": 0.15, "grad": 0.25}

@@ -109,15 +109,9 @@ def _with_padding(block, plan, factors):
     return replace(block, branch=tuple(branch))
 
 
-def _merge(lq_s, e_s, lq_b, e_b, B):
-    """State of skip + branch for independent operands: second moments and variances add."""
-    if B is MATH:
-        if lq_b > lq_s:
-            lq_s, e_s, lq_b, e_b = lq_b, e_b, lq_s, e_s
-        if lq_s == -math.inf:
-            return lq_s, e_s
-        w = 2.0 ** (lq_b - lq_s)
-        return lq_s + math.log2(1.0 + w), (e_s + w * e_b) / (1.0 + w)
+def _merge(lq_s, e_s, lq_b, e_b):
+    """State of skip + branch for independent operands: second moments and variances add.
+    Arrays over blocks; the sequential loop inlines the same formula for floats."""
     hi = np.maximum(lq_s, lq_b)
     with np.errstate(invalid="ignore"):
         ws = np.where(np.isneginf(hi), 1.0, np.exp2(lq_s - hi))
@@ -211,7 +205,7 @@ def _compile_scan(block):
     src += ["        else:",
             "            lq = lq_x[l] + lg_skip",
             "            e = e_x[l]",
-            # merge (see _merge): second moments and variances of independent operands add
+            # merge, as _merge: second moments and variances of independent operands add
             "        if lqb > lq:",
             "            lq, e, lqb, eb = lqb, eb, lq, e",
             "        if lq != neg_inf:",
@@ -244,7 +238,7 @@ def _profile(block, plan, lq_x, e_x):
         lg_skip = 2.0 * np.log2(block.skip_gain)
     lq_s = np.where(proj, lq_pr, lq_x + lg_skip)
     e_s = np.where(proj, e_pr, e_x)
-    lq_y, e_y = _merge(lq_s, e_s, lq_b, e_b, NUMPY)
+    lq_y, e_y = _merge(lq_s, e_s, lq_b, e_b)
 
     # Backward, in log2 squared-norm gains. a[l]: from the merge output y_l to the input x_l.
     g_pre = backward_gain(block.pre, lq_x, e_x, idx, NUMPY)

@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from . import _checks, kernels
+from . import _checks
 from .layers import (BatchNorm, Block, BlockGain, Gain, LayerNorm, Linear, ReLU,
                      ReLUScaledWS, ReLUWeight, Zero)
 

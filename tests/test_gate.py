@@ -10,7 +10,6 @@ gradients) plus the finite-width spread derived in ``propagation/comparison.py``
 The mistakes of the last section must make the same comparison fail, and ``diagnose`` must
 name them.
 """
-import numpy as np
 import pytest
 import torch
 

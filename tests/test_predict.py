@@ -186,7 +186,14 @@ def test_padding_factors_scale_each_weight_layer():
 def _reference_scan(block, plan, lq, e):
     """The block recursion written plainly with each layer's ``forward`` (no compiled code)."""
     from propagation.layers import MATH, run
-    from propagation.predict import _merge
+
+    def merge(lq_s, e_s, lq_b, e_b):
+        if lq_b > lq_s:
+            lq_s, e_s, lq_b, e_b = lq_b, e_b, lq_s, e_s
+        if lq_s == -math.inf:
+            return lq_s, e_s
+        w = 2.0 ** (lq_b - lq_s)
+        return lq_s + math.log2(1.0 + w), (e_s + w * e_b) / (1.0 + w)
     lq_x, e_x = [], []
     for l in range(plan.depth):
         lq_x.append(lq)
@@ -197,7 +204,7 @@ def _reference_scan(block, plan, lq, e):
             s = run(block.projection, *p, l, MATH)
         else:
             s = (lq + (2 * math.log2(block.skip_gain) if block.skip_gain else -math.inf), e)
-        lq, e = run(block.post, *_merge(*s, *b, MATH), l, MATH)
+        lq, e = run(block.post, *merge(*s, *b), l, MATH)
     return np.array(lq_x), np.array(e_x)
 
 
