@@ -28,7 +28,10 @@ def _log2(x):
 
 
 class _Numpy:
-    log2 = staticmethod(lambda x: np.log2(np.maximum(x, 0.0)))
+    @staticmethod
+    def log2(x):
+        with np.errstate(divide="ignore"):  # log2(0) = -inf is meant (no variance)
+            return np.log2(np.maximum(x, 0.0))
     omk = staticmethod(kernels.one_minus_kappa)
 
     @staticmethod
@@ -68,6 +71,12 @@ class Layer:
 
     def backward(self, lq, e, l, B):
         raise NotImplementedError
+
+    def backward_lv(self, lq, lv, l, B):
+        """Optional: :meth:`backward` at the state given as log2 q and log2 v (v = e q, the
+        channel variance), which predict's vectorised path has at hand; ``None`` (the
+        default) makes it form e and call :meth:`backward`."""
+        return None
 
     def scalar_code(self):
         """Optional: the scalar forward map as Python source, for predict's sequential loop.
@@ -176,6 +185,9 @@ class BatchNorm(Layer):
 
     def backward(self, lq, e, l, B):
         return -(lq + B.log2(e))
+
+    def backward_lv(self, lq, lv, l, B):
+        return -lv  # the variance it divides by
 
 
 class LayerNorm(Layer):

@@ -71,9 +71,11 @@ def predict(depth, scheme="batchnorm", *, stages=None, project_first=True, layer
     if padding_factors is not None:
         block = _with_padding(block, plan, padding_factors)
 
-    lq0, e0 = math.log2(q0), (q0 - m0) / q0
-    lq_x, e_x = _block_inputs(block, plan, lq0, e0)
-    prof = _profile(block, plan, lq_x, e_x)
+    if _resets(block, plan):
+        prof = _profile_reset(block, plan, q0, m0)
+    else:
+        lq_x, e_x = _block_inputs_scan(block, plan, math.log2(q0), (q0 - m0) / q0)
+        prof = _profile(block, plan, lq_x, e_x)
     share = prof[3]
     return Profile(skip=prof[0], branch=prof[1], grad=prof[2], depth=plan.depth,
                    projection=plan.projection, source="theory", scheme=spec.name,
@@ -82,7 +84,8 @@ def predict(depth, scheme="batchnorm", *, stages=None, project_first=True, layer
                    meta={"input_second_moment": q0, "input_squared_mean": m0,
                          # share of the gradient at each block input that came through the
                          # branch: compare uses it for the finite-width band of gradients
-                         "grad_branch_share": share.tolist(),
+                         # (an array: Profile.to_dict writes it as a list)
+                         "grad_branch_share": share,
                          # whether a normalisation stops the drift of a finite network's scale
                          # in the branch, before the projection, after the merge (compare)
                          "normalised": {part: any(layer.normalises or layer.resets
@@ -119,41 +122,189 @@ def _merge(lq_s, e_s, lq_b, e_b):
     return hi + np.log2(ws + wb), (ws * e_s + wb * e_b) / (ws + wb)
 
 
-def _block_inputs(block, plan, lq0, e0):
-    """States (lq, e) of every block input x_0 .. x_{D-1} (arrays of shape (D,))."""
-    proj = plan.projection
-    branch_chain = block.pre + block.branch
-    proj_chain = block.pre + block.projection
-    if (not block.post and block.skip_gain == 1.0 and block.chain_resets(branch_chain)
-            and (not proj.any() or block.chain_resets(proj_chain))):
-        return _block_inputs_reset(block, plan, lq0, e0)
-    return _block_inputs_scan(block, plan, lq0, e0)
+def _resets(block, plan):
+    """Whether every branch (and projection) output is independent of the block input, so
+    that the skip path is a running sum and everything vectorises over blocks."""
+    return (not block.post and block.skip_gain == 1.0
+            and block.chain_resets(block.pre + block.branch)
+            and (not plan.projection.any() or block.chain_resets(block.pre + block.projection)))
 
 
-def _block_inputs_reset(block, plan, lq0, e0):
-    """Vectorised path: every branch output is independent of the block input (a norm layer
-    resets it), so the skip path is a running sum of second moments and variances,
-    restarted at each projection block."""
-    D, proj = plan.depth, plan.projection
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def _log2_1p_exp2(t, out=None):
+    """(log2(1 + 2^t), 2^t / (1 + 2^t)): ``np.logaddexp2(0, t)`` and the share of 2^t in
+    the sum, for t finite or +-inf. Where 2^t is finite this is logaddexp2's own formula for
+    t <= 0 (log1p of exp2, times log2(e)) in a fifth of logaddexp2's time; elsewhere
+    logaddexp2 itself. ``out`` (t's shape) may be t itself: it then receives the share."""
+    if np.ndim(t) == 0 or np.max(t) < 1000.0:
+        x = np.exp2(t, out=out)
+        a = np.log1p(x)
+        a *= _LOG2E
+        if out is None:
+            return a, x / (x + 1.0)
+        return a, np.divide(x, x + 1.0, out=x)
+    a = np.logaddexp2(0.0, t)
+    with np.errstate(over="ignore", invalid="ignore"):
+        share = np.exp2(t - a)
+    return a, np.minimum(np.nan_to_num(share, nan=0.0), 1.0)
+
+
+def _linear(lq, e):
+    """(q, v, m) from (log2 q, 1 - rho): second moment, variance and squared mean."""
+    q = np.exp2(lq)
+    return q, q * e, q * (1.0 - e)
+
+
+def _running_sum(start, inc, proj, at_proj, arange):
+    """x_0 = start, x_{l+1} = (at_proj[l] if proj[l] else x_l) + inc[l]: a new array (D + 1,).
+
+    With ``arange`` (0 .. D, given when there is no projection and the increment is the same
+    in every block) this is start + l * inc, rounded once where a running sum would round D
+    times."""
+    D = len(proj)
+    if arange is not None:
+        out = arange * inc
+        out += start
+        return out
+    inc = np.broadcast_to(inc, (D,))
+    out = np.empty(D + 1)
+    out[0] = start
+    if at_proj is None:
+        np.cumsum(inc, out=out[1:])
+        out[1:] += start
+        return out
+    # A projection block replaces x_l by p_l: x_{l+1} = (x_0 if no projection yet) + the
+    # increments since the last projection, the projection's own p_l included.
     idx = np.arange(D)
-    ones = np.zeros(D)
-    lq_b, e_b = run(block.pre + block.branch, ones, ones + 1.0, idx, NUMPY)
-    lq_p, e_p = run(block.pre + block.projection, ones, ones + 1.0, idx, NUMPY)
-    q_b, v_b = np.exp2(lq_b), np.exp2(lq_b) * e_b
-    # increment[l] is added to x_l to give x_{l+1}; a projection block replaces x_l by p_l.
-    q_inc = q_b + np.where(proj, np.exp2(lq_p), 0.0)
-    v_inc = v_b + np.where(proj, np.exp2(lq_p) * e_p, 0.0)
-    q_start, v_start = 2.0 ** lq0, 2.0 ** lq0 * e0
+    inc = inc + np.where(proj, at_proj, 0.0)
+    cum = np.cumsum(inc)
     seg = np.maximum.accumulate(np.where(proj, idx, -1))  # last projection at or before l
-    q_cum, v_cum = np.cumsum(q_inc), np.cumsum(v_inc)
-    # x_{l+1} = (x_0 if no projection yet) + sum of increments since the last projection.
-    base_q = np.where(seg >= 0, q_cum[np.maximum(seg, 0)] - q_inc[np.maximum(seg, 0)], -q_start)
-    base_v = np.where(seg >= 0, v_cum[np.maximum(seg, 0)] - v_inc[np.maximum(seg, 0)], -v_start)
-    q_next, v_next = q_cum - base_q, v_cum - base_v
-    q_x = np.concatenate(([q_start], q_next[:-1]))
-    v_x = np.concatenate(([v_start], v_next[:-1]))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log2(q_x), np.where(q_x > 0, v_x / q_x, 1.0)
+    first = np.maximum(seg, 0)
+    out[1:] = cum - np.where(seg >= 0, cum[first] - inc[first], -start)
+    return out
+
+
+def _gain_at_inputs(layers, lq, lv, e_of, idx):
+    """Summed log2 backward gain of ``layers`` applied to the block inputs, given as log2 q
+    and log2 v; ``e_of()`` makes 1 - rho only for a layer that reads it. Also returns the
+    state after the layers (None for no layers)."""
+    if not layers:
+        return 0.0, None
+    first = layers[0]
+    total = first.backward_lv(lq, lv, idx, NUMPY)
+    e = None
+    if total is None:
+        e = e_of()
+        total = first.backward(lq, e, idx, NUMPY)
+    if first.resets:  # its output does not depend on its input (run's convention: from (0, 1))
+        state = first.forward(np.float64(0.0), np.float64(1.0), idx, NUMPY)
+    else:
+        state = first.forward(lq, e_of() if e is None else e, idx, NUMPY)
+    for layer in layers[1:]:
+        total = total + layer.backward(*state, idx, NUMPY)
+        state = layer.forward(*state, idx, NUMPY)
+    return total, state
+
+
+def _profile_reset(block, plan, q0, m0):
+    """``_profile`` for blocks whose branch (and projection) output does not depend on the
+    block input, because a norm layer or a zero resets it.
+
+    The skip path is then a running sum of second moments, squared means and variances,
+    restarted at each projection block, and everything else a few passes over arrays of
+    blocks. Chains after a reset are evaluated once (0-d) and broadcast; with the same
+    branch in every block and no projection the running sums are start + l * increment.
+    At 10^6 blocks the time is the arrays the Profile holds (new memory) and the passes
+    that fill them: three log2 for the skip path, exp2 and log1p for the backward gains and
+    a cumulative sum for the gradient; buffers are reused so that little else is allocated.
+    tests/test_predict.py holds it to ``_profile`` over the block-by-block recursion.
+    """
+    D, proj = plan.depth, plan.projection
+    any_proj = bool(proj.any())
+    idx = np.arange(D)
+    zero, one = np.float64(0.0), np.float64(1.0)
+    lq_b, e_b = run(block.pre + block.branch, zero, one, idx, NUMPY)
+    q_b, v_b, m_b = _linear(lq_b, e_b)
+    p = (None,) * 3
+    if any_proj:
+        lq_p, e_p = run(block.pre + block.projection, zero, one, idx, NUMPY)
+        p = _linear(lq_p, e_p)
+    closed = not any_proj and np.ndim(q_b) == 0
+    e0 = (q0 - m0) / q0
+    if closed and q_b == 0.0:
+        # The branch adds exactly nothing (Fixup, SkipInit at alpha = 0): every x_l is x_0.
+        L = None
+        with np.errstate(divide="ignore"):
+            LQ, LV, LM = np.log2(np.float64(q0)), np.log2(np.float64(q0 * e0)), np.log2(np.float64(m0))
+        lq_x, lv_x = LQ, LV
+    else:
+        L = np.arange(D + 1, dtype=np.float64) if closed else None
+        # x_0 .. x_D (x_D: the last merge's sum): second moment, variance, squared mean,
+        # each then turned into its log2 in place.
+        LQ = _running_sum(q0, q_b, proj, p[0], L)
+        LV = _running_sum(q0 * e0, v_b, proj, p[1], L)
+        LM = _running_sum(m0, m_b, proj, p[2], L)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.log2(LQ, out=LQ)
+            np.log2(LV, out=LV)
+            np.maximum(LM, 0.0, out=LM)
+            np.log2(LM, out=LM)
+        lq_x, lv_x = LQ[:-1], LV[:-1]
+
+    def e_of():  # 1 - rho of x_0 .. x_{D-1}, for a layer that reads it
+        if closed and (q_b == 0.0 or e_b == e0):  # the increments keep it constant
+            return np.float64(e0)
+        with np.errstate(invalid="ignore", over="ignore"):
+            e = np.exp2(lv_x - lq_x)
+        return np.where(np.isneginf(lq_x), 1.0, e)
+
+    # Backward, as in _profile: a[l], the log2 gain from the merge output y_l to x_l.
+    g_pre, state = _gain_at_inputs(block.pre, lq_x, lv_x, e_of, idx)
+    if state is None:
+        g_branch = _gain_at_inputs(block.branch, lq_x, lv_x, e_of, idx)[0]
+        g_proj = _gain_at_inputs(block.projection, lq_x, lv_x, e_of, idx)[0] if any_proj else 0.0
+    else:
+        g_branch = backward_gain(block.branch, *state, idx, NUMPY)
+        g_proj = backward_gain(block.projection, *state, idx, NUMPY) if any_proj else 0.0
+    # The identity shortcut: a = log2(1 + branch gain); L is free now and takes the share.
+    if L is not None and np.ndim(g_pre) + np.ndim(g_branch) > 0:
+        t = np.add(g_pre, g_branch, out=L[:D])
+        a, share = _log2_1p_exp2(t, out=t)
+    else:
+        a, share = _log2_1p_exp2(g_pre + g_branch)
+    if any_proj:
+        a_proj = g_pre + np.logaddexp2(g_branch, g_proj)
+        with np.errstate(over="ignore", invalid="ignore"):
+            share_proj = np.exp2(g_pre + g_branch - a_proj)
+        a = np.where(proj, a_proj, a)
+        share = np.where(proj, np.minimum(np.nan_to_num(share_proj, nan=0.0), 1.0), share)
+    # log2 G at x_l = sum_{k >= l} a[k] (no post layers here); a projection block's skip
+    # operand is a new tensor whose gradient is the merge output's, G at x_l minus a[l].
+    if np.ndim(a) == 0:
+        if a == 0.0:
+            G = np.broadcast_to(0.0, (D + 1,))
+        else:
+            G = np.arange(D, -1, -1, dtype=np.float64)
+            G *= a
+    else:
+        G = np.empty(D + 1)
+        np.cumsum(a[::-1], out=G[-2::-1])
+        G[D] = 0.0
+    if any_proj:
+        with np.errstate(invalid="ignore"):  # inf - inf where a norm meets no variance
+            G[:-1][proj] -= np.broadcast_to(a, (D,))[proj]
+        skip_p = _stats(lq_p, e_p)
+        for full, part in zip((LQ, LM, LV), (skip_p.log2_second_moment, skip_p.log2_squared_mean,
+                                               skip_p.log2_variance)):
+            full[:-1][proj] = np.broadcast_to(part, (D,))[proj]
+    nan = np.broadcast_to(np.nan, (D + 1,))
+    branch = _stats(lq_b, e_b)
+    branch = Stats(*(np.broadcast_to(x, (D,)) for x in (
+        branch.log2_second_moment, branch.log2_squared_mean, branch.log2_variance)))
+    skip = Stats(*(np.broadcast_to(x, (D + 1,)) if np.ndim(x) == 0 else x for x in (LQ, LM, LV)))
+    return skip, branch, Stats(G, nan, nan), np.broadcast_to(share, (D,))
 
 
 def _block_inputs_scan(block, plan, lq0, e0):
@@ -250,7 +401,8 @@ def _profile(block, plan, lq_x, e_x):
     # log2 G at x_l = sum_{k >= l} a[k] + sum_{k >= l, k < D-1} g_post[k]  (G at y_{D-1} = 1).
     steps = a + np.concatenate((g_post[:-1], [0.0]))
     g_x = np.cumsum(steps[::-1])[::-1]
-    g_y = g_x - a
+    with np.errstate(invalid="ignore"):  # inf - inf where a norm meets no variance
+        g_y = g_x - a
     # The skip operand is the block input itself only for an identity shortcut with gain 1;
     # otherwise it is a new tensor whose gradient is the merge output's.
     g_skip = np.where(~proj & (block.skip_gain == 1.0), g_x, g_y)

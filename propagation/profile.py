@@ -128,7 +128,9 @@ class Profile:
         return {"source": self.source, "scheme": self.scheme, "params": self.params,
                 "depth": self.depth, "projection": self.projection.astype(bool).tolist(),
                 "skip": stats(self.skip), "branch": stats(self.branch), "grad": stats(self.grad),
-                "log2_downscale": _jsonable(self.log2_downscale), "meta": self.meta,
+                "log2_downscale": _jsonable(self.log2_downscale),
+                "meta": {k: _jsonable(v) if isinstance(v, np.ndarray) else v
+                         for k, v in self.meta.items()},
                 "samples": [s.to_dict() for s in self.samples]}
 
     @classmethod
