@@ -263,3 +263,19 @@ def test_profile_round_trips_through_json_with_array_meta():
     assert d["meta"]["grad_branch_share"] == pytest.approx(list(p.meta["grad_branch_share"]))
     back = propagation.Profile.from_dict(d)
     np.testing.assert_array_equal(back.skip.log2_second_moment, p.skip.log2_second_moment)
+
+
+def test_inlined_kernel_code_equals_the_scalar_kernel_to_the_last_bit():
+    """predict's compiled loop inlines kernels.one_minus_kappa_scalar_code; it must do what
+    one_minus_kappa_scalar does, on both sides of the series cut-off and at the clips."""
+    from propagation import kernels
+    src = "def f(x):\n" + "\n".join("    " + line for line in
+                                     kernels.one_minus_kappa_scalar_code("x", "out")) + "\n    return out"
+    namespace = {"sqrt": math.sqrt, "asin": math.asin}
+    exec(src, namespace)
+    cut = 2 * kernels._S_SERIES ** 2
+    grid = [-1.0, 0.0, 5e-324, 1e-300, 1e-12, cut * (1 - 1e-15), cut, cut * (1 + 1e-15), 0.3,
+            1.0, 1.9999999, 2.0, 2.5, math.inf] + list(np.geomspace(1e-9, 2.0, 997))
+    for e in grid:
+        want, got = kernels.one_minus_kappa_scalar(e), namespace["f"](e)
+        assert got == want or (math.isnan(got) and math.isnan(want)), e
