@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.[test,train]'
 	touch $@
 
 test: $(STAMP)
@@ -31,6 +31,10 @@ PKG_SOURCES := $(wildcard propagation/*.py)
 FIG_DEPS    := figures/_common.py $(PKG_SOURCES)
 FIG_OUT     := figures/out
 FIGURES     := F1 F2 F3 F4
+# Training experiments (propagation.train): each writes <ID>.json last. Finished runs are
+# cached in $(FIG_OUT)/runs, so an interrupted `make figures` continues where it stopped.
+TRAINING    := T1 F5 T2
+TRAIN_DEPS  := figures/_training.py figures/f5_batch_lr.py $(FIG_DEPS)
 
 # $(call figure_rules,ID,script): the full figure in $(FIG_OUT), the quick one in $(FIG_OUT)/quick.
 define figure_rules
@@ -44,13 +48,25 @@ $(eval $(call figure_rules,F2,figures/f2_sqrt_depth.py))
 $(eval $(call figure_rules,F3,figures/f3_signal_propagation.py))
 $(eval $(call figure_rules,F4,figures/f4_gradients.py))
 
-figures: $(FIGURES:%=$(FIG_OUT)/%.png) $(FIG_OUT)/agreement.md
+# $(call training_rules,ID,script,order-only prerequisites): full and quick, as figure_rules.
+define training_rules
+$(FIG_OUT)/$(1).json: $(2) $$(TRAIN_DEPS) | $$(STAMP) $(3:%=$(FIG_OUT)/%)
+	$$(PY) $(2) --out $(FIG_OUT)
+$(FIG_OUT)/quick/$(1).json: $(2) $$(TRAIN_DEPS) | $$(STAMP) $(3:%=$(FIG_OUT)/quick/%)
+	$$(PY) $(2) --quick --out $(FIG_OUT)/quick
+endef
+$(eval $(call training_rules,T1,figures/t1_trainability.py))
+$(eval $(call training_rules,F5,figures/f5_batch_lr.py))
+# T2's BatchNorm and SkipInit runs are F5's: run after F5, they come from the cache.
+$(eval $(call training_rules,T2,figures/t2_regularised.py,F5.json))
+
+figures: $(FIGURES:%=$(FIG_OUT)/%.png) $(FIG_OUT)/agreement.md $(TRAINING:%=$(FIG_OUT)/%.json)
 
 # The gate's agreement table (scheme x depth x quantity), from the gate's own configuration.
 $(FIG_OUT)/agreement.md: figures/agreement.py tests/test_gate.py $(PKG_SOURCES) | $(STAMP)
 	$(PY) figures/agreement.py --out $(FIG_OUT)
 
-figures-quick: $(FIGURES:%=$(FIG_OUT)/quick/%.png)
+figures-quick: $(FIGURES:%=$(FIG_OUT)/quick/%.png) $(TRAINING:%=$(FIG_OUT)/quick/%.json)
 
 clean:
 	rm -rf figures/out .pytest_cache
