@@ -336,3 +336,19 @@ def test_a_second_run_of_a_script_trains_nothing(quick_out, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (quick_out / "runs").glob("*.json")) == before
     assert "step/s" not in proc.stderr  # no step bar: nothing was trained
+
+
+def test_augmentation_crops_and_flips_each_image_within_its_padding():
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8) + 1
+    out = train._augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))  # padding 1 below 16 pixels
+    for i in range(2):
+        windows = [padded[i, :, a:a + 8, b:b + 8] for a in range(3) for b in range(3)]
+        windows += [w.flip(-1) for w in windows]
+        assert any(torch.equal(out[i], w) for w in windows)
+    # 18 equally likely (crop, flip) choices per image: 64 images all left in place would
+    # have probability 18^-64.
+    many = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(10_000))
+    moved = train._augment(many, torch.Generator().manual_seed(1))
+    assert sum(not torch.equal(a, b) for a, b in zip(many, moved)) > 32
