@@ -16,6 +16,7 @@ Merges hidden inside fused kernels or custom ops cannot be seen this way; name t
 instead (``blocks=[MyBlock]`` or ``blocks=["layer*"]``): their input is taken as the skip
 path, their output as the merge and output - input as the branch.
 """
+import array
 import contextlib
 import copy
 import fnmatch
@@ -23,11 +24,12 @@ import heapq
 import math
 import numbers
 import warnings
+import weakref
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _checks
 from .profile import Profile, Stats, quantile_over
@@ -126,9 +128,12 @@ def _measure_one(model, x, seed, loss, backward, channel_axis, mode, dtype, matc
         work = copy.deepcopy(model).to(dtype)  # the caller's model is never converted
     x = _check_input(x, work, channel_axis)
     recorder = _Recorder(channel_axis)
-    with _untouched(model), _untouched(work) if work is not model else contextlib.nullcontext():
+    with _untouched(model) as modules, (_untouched(work) if work is not model
+                                        else contextlib.nullcontext(modules)) as modules:
         if mode != "keep":
-            work.train(mode == "train")
+            want = mode == "train"
+            if any(m.training != want for m in modules):  # train() walks every module
+                work.train(want)
         grad_ctx = torch.enable_grad() if backward else torch.no_grad()
         if backward and x.is_floating_point():
             x = x.detach().requires_grad_(True)
@@ -194,6 +199,57 @@ def _first_tensor(out):
 
 # --- statistics --------------------------------------------------------------------------------
 
+class _Ref(weakref.ref):
+    """A weak reference that carries its dict key and value (no dict of tuples, no closure
+    per entry: about 100 bytes an entry, which at a thousand blocks is a megabyte)."""
+
+    __slots__ = ("key", "value")
+
+
+class _WeakIds:
+    """tensor -> value by identity, keeping no tensor alive.
+
+    A dict on ``id(t)`` whose entries a weak reference removes when the tensor dies, so that
+    a later tensor with the same id never finds a stale entry. It does what torch's
+    WeakIdKeyDictionary does at a fraction of its cost per access (that one builds a Python
+    weak-reference object per look-up), which matters at one access per torch call.
+    """
+
+    __slots__ = ("_d", "_gone", "__weakref__")
+
+    def __init__(self):
+        self._d = {}
+        d = self._d
+
+        def gone(ref):  # the tensor died: drop its entry, unless a new one took the key
+            if d.get(ref.key) is ref:
+                del d[ref.key]
+        self._gone = gone
+
+    def get(self, t, default=None):
+        ref = self._d.get(id(t))
+        return ref.value if ref is not None and ref() is t else default
+
+    def __contains__(self, t):
+        ref = self._d.get(id(t))
+        return ref is not None and ref() is t
+
+    def set(self, t, value):
+        key = id(t)
+        ref = self._d.get(key)
+        if ref is None or ref() is not t:
+            ref = _Ref(t, self._gone)
+            ref.key = key
+            self._d[key] = ref
+        ref.value = value
+
+    def keys(self):
+        return [t for t in (ref() for ref in list(self._d.values())) if t is not None]
+
+    def __len__(self):
+        return len(self._d)
+
+
 def _channel_stats(t, channel_axis):
     """(second moment, squared mean, variance) averaged over channels, as a float64 tensor.
 
@@ -223,43 +279,49 @@ def _channels(t, channel_axis):
 
 
 class _Recorder:
-    """Holds per-merge statistics (small tensors) and the gradient hooks of one pass."""
+    """Holds per-merge statistics (Python floats, not tensors: the many small allocations
+    of kept tensors would sit between the activations in the heap and make peak memory grow
+    with depth) and the gradient hooks of one pass."""
+
+    #: How many recently measured tensors ``stats`` remembers (by identity and version).
+    RECENT = 4
 
     def __init__(self, channel_axis):
         self.channel_axis = channel_axis
-        self.merges = []      # per merge: dict(skip, branch, sum stats, projection, numel)
+        # per merge: (skip stats, branch stats, sum stats, projection, numel skip, numel sum,
+        # channels), each stats a list [second moment, squared mean, variance]
+        self.merges = []
         self.grads = {}       # merge index -> grad stats at the skip operand; -1: last sum
-        self._hooked = WeakIdKeyDictionary()
-        self._cache = WeakIdKeyDictionary()  # tensor -> (version, statistics)
+        self._hooked = _WeakIds()
+        self._recent = []     # [(weak ref, version, statistics)], newest last
         self._handles = []
         self._last_sum = None
 
     def stats(self, t):
         """Channel statistics of ``t``, reused when the same unmodified tensor comes again
         (in a chain of identity blocks each merge's sum is the next merge's skip operand)."""
-        hit = self._cache.get(t)
-        if hit is not None and hit[0] == t._version:
-            return hit[1]
-        out = _channel_stats(t, self.channel_axis)
-        self._cache[t] = (t._version, out)
+        version = t._version
+        for ref, v, out in self._recent:
+            if v == version and ref() is t:
+                return out
+        out = _channel_stats(t, self.channel_axis).tolist()
+        self._recent.append((weakref.ref(t), version, out))
+        if len(self._recent) > self.RECENT:
+            del self._recent[0]
         return out
 
     def record(self, skip, skip_stats, branch_stats, total, projection):
         k = len(self.merges)
-        self.merges.append({"skip": skip_stats, "branch": branch_stats, "sum": self.stats(total),
-                            "projection": projection, "numel_skip": skip.numel(),
-                            "numel_sum": total.numel(),
-                            "channels": _channels(total, self.channel_axis)})
+        self.merges.append((skip_stats, branch_stats, self.stats(total), projection,
+                            skip.numel(), total.numel(), _channels(total, self.channel_axis)))
         self._hook(skip, k)
         self._last_sum = total
         return k
 
     def record_missing_skip(self, total):
-        nan = torch.full((3,), math.nan, dtype=torch.float64)
-        self.merges.append({"skip": nan, "branch": nan, "sum": _channel_stats(total, self.channel_axis),
-                            "projection": True, "numel_skip": total.numel(),
-                            "numel_sum": total.numel(),
-                            "channels": _channels(total, self.channel_axis)})
+        nan = [math.nan] * 3
+        self.merges.append((nan, nan, _channel_stats(total, self.channel_axis).tolist(), True,
+                            total.numel(), total.numel(), _channels(total, self.channel_axis)))
         self._last_sum = total
 
     def _hook(self, t, k):
@@ -267,20 +329,20 @@ class _Recorder:
             return
         if t in self._hooked:  # one tensor can be a skip operand once; keep the first index
             return
-        self._hooked[t] = k
+        self._hooked.set(t, k)
 
         def hook(grad, k=k):
-            self.grads[k] = _channel_stats(grad, self.channel_axis)
+            self.grads[k] = _channel_stats(grad, self.channel_axis).tolist()
         self._handles.append(t.register_hook(hook))
 
     def grad_targets(self):
-        return list(self._hooked.keys())
+        return self._hooked.keys()
 
     def finish_forward(self):
         t = self._last_sum
         if t is not None and torch.is_grad_enabled() and t.requires_grad:
             def hook(grad):
-                self.grads[-1] = _channel_stats(grad, self.channel_axis)
+                self.grads[-1] = _channel_stats(grad, self.channel_axis).tolist()
             self._handles.append(t.register_hook(hook))
         self._last_sum = None
 
@@ -291,15 +353,15 @@ class _Recorder:
 
     def profile(self, **meta):
         D = len(self.merges)
-        skip = torch.stack([m["skip"] for m in self.merges] + [self.merges[-1]["sum"]]).numpy()
-        branch = torch.stack([m["branch"] for m in self.merges]).numpy()
-        numel = np.array([m["numel_skip"] for m in self.merges] + [self.merges[-1]["numel_sum"]],
-                         dtype=np.float64)
+        merges, last = self.merges, self.merges[-1]
+        skip = np.array([m[0] for m in merges] + [last[2]], dtype=np.float64)
+        branch = np.array([m[1] for m in merges], dtype=np.float64)
+        numel = np.array([m[4] for m in merges] + [last[5]], dtype=np.float64)
         grad = np.full((D + 1, 3), np.nan)
         for k, g in self.grads.items():
-            grad[k] = g.numpy()
+            grad[k] = g
         if -1 in self.grads:
-            grad[D] = self.grads[-1].numpy()
+            grad[D] = self.grads[-1]
             # squared norm relative to the last merge's sum: per entry x entries / entries there
             grad = grad * (numel / numel[-1])[:, None] / grad[D, 0]
         finite = np.isfinite(skip).all(axis=1)
@@ -309,41 +371,62 @@ class _Recorder:
                           f"(dtype {meta['dtype']}): the signal overflowed. Measure with "
                           f"dtype=torch.float64, or fewer blocks.", NonFiniteWarning, stacklevel=4)
         meta["first_nonfinite_block"] = first_bad
-        meta["channels"] = min(m["channels"] for m in self.merges)
+        meta["channels"] = min(m[6] for m in merges)
         # Values per channel that each statistic averaged over (batch x positions): the
         # squared channel mean of n such samples carries a finite-sample term variance / n.
-        meta["samples_per_channel"] = [m["numel_skip"] / m["channels"] for m in self.merges] + [
-            self.merges[-1]["numel_sum"] / self.merges[-1]["channels"]]
+        meta["samples_per_channel"] = [m[4] / m[6] for m in merges] + [last[5] / last[6]]
         with np.errstate(divide="ignore"):
             meta["merge_log2_second_moment"] = np.log2(
-                torch.stack([m["sum"][0] for m in self.merges]).numpy()).tolist()
+                np.array([m[2][0] for m in merges], dtype=np.float64)).tolist()
         return Profile(skip=Stats.from_linear(*skip.T), branch=Stats.from_linear(*branch.T),
                        grad=Stats.from_linear(*grad.T), depth=D,
-                       projection=np.array([m["projection"] for m in self.merges], dtype=bool),
+                       projection=np.array([m[3] for m in merges], dtype=bool),
                        source="measurement", meta=meta)
 
 
 # --- finding merges ----------------------------------------------------------------------------
 
 class _MergeFinder(TorchFunctionMode):
-    """Tracks which call produced which tensor and records residual merges as they run."""
+    """Tracks which call produced which tensor and records residual merges as they run.
 
-    def __init__(self, recorder):
+    The graph is two flat integer arrays (each node's parents: ``edges[offsets[n]:
+    offsets[n + 1]]``), 8 bytes per edge, so that its memory stays small against the
+    activations however deep the network."""
+
+    def __init__(self, recorder, model=None):
         super().__init__()
         self.recorder = recorder
-        self.node_of = WeakIdKeyDictionary()  # tensor -> node id
-        self.parents = []                     # node id -> tuple of parent node ids
+        self.node_of = _WeakIds()         # tensor -> node id
+        # The model's parameters and buffers (alive throughout, so their ids cannot be
+        # reused): id -> node (-1: not seen yet) in a plain dict, a third of the memory of
+        # a weak entry.
+        self.owned = {} if model is None else dict.fromkeys(
+            (id(t) for t in (*model.parameters(), *model.buffers())), -1)
+        self.offsets = array.array("l", [0])
+        self.edges = array.array("l")
 
     def _node(self, t):
-        node = self.node_of.get(t)
-        if node is None:  # a tensor made outside the pass (the input, a parameter): a root
-            node = len(self.parents)
-            self.parents.append(())
-            self.node_of[t] = node
+        node = self.owned.get(id(t))
+        if node is None:
+            node = self.node_of.get(t)
+        if node is None or node < 0:  # made outside the pass (the input, a parameter): a root
+            node = len(self.offsets) - 1
+            self.offsets.append(len(self.edges))
+            self._assign(t, node)
         return node
 
+    def _assign(self, t, node):
+        if id(t) in self.owned:
+            self.owned[id(t)] = node
+        else:
+            self.node_of.set(t, node)
+
+    def parents(self, node):
+        return self.edges[self.offsets[node]:self.offsets[node + 1]]
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        if kwargs is None:
+            kwargs = {}
         merge = None
         if func in _ADDS and len(args) >= 2 and kwargs.get("alpha", 1) == 1:
             merge = self._merge_operands(args[0], args[1])
@@ -352,11 +435,25 @@ class _MergeFinder(TorchFunctionMode):
                 # Operand statistics before the call: an in-place add overwrites one of them.
                 pre = (self.recorder.stats(skip), self.recorder.stats(branch))
         out = func(*args, **kwargs)
-        parents = tuple(self._node(a) for a in _tensor_args(args, kwargs))
-        node = len(self.parents)
-        self.parents.append(parents)
-        for t in _tensor_outputs(out):
-            self.node_of[t] = node
+        if isinstance(out, Tensor):
+            outs = (out,)
+        elif isinstance(out, (list, tuple)):
+            outs = [o for o in out if isinstance(o, Tensor)]
+        else:  # an int, a shape, a dtype: nothing that a later merge can descend from
+            outs = ()
+        if outs:
+            edges, node = self.edges, self._node
+            for a in (args if not kwargs else (*args, *kwargs.values())):
+                if isinstance(a, Tensor):
+                    edges.append(node(a))
+                elif isinstance(a, (list, tuple)):
+                    for b in a:
+                        if isinstance(b, Tensor):
+                            edges.append(node(b))
+            new = len(self.offsets) - 1
+            self.offsets.append(len(edges))
+            for o in outs:
+                self._assign(o, new)
         if merge is not None:
             self.recorder.record(skip, pre[0], pre[1], out, projection)
         return out
@@ -397,7 +494,7 @@ class _MergeFinder(TorchFunctionMode):
             da, db = dist[node]
             if da is not None and db is not None:
                 return da, db
-            for p in self.parents[node]:
+            for p in self.parents(node):
                 d = dist.setdefault(p, [None, None])
                 if da is not None and (d[0] is None or d[0] > da + 1):
                     d[0] = da + 1
@@ -407,29 +504,10 @@ class _MergeFinder(TorchFunctionMode):
         return None
 
 
-def _tensor_args(args, kwargs):
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, torch.Tensor):
-                    yield b
-
-
-def _tensor_outputs(out):
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, (list, tuple)):
-        for o in out:
-            if isinstance(o, torch.Tensor):
-                yield o
-
-
 @contextlib.contextmanager
 def _search(model, recorder, matcher):
     if matcher is None:
-        finder = _MergeFinder(recorder)
+        finder = _MergeFinder(recorder, model)
         with finder:
             # The input and the parameters are roots of the graph.
             yield
@@ -538,34 +616,52 @@ class ModelChangedWarning(RuntimeWarning):
 
 @contextlib.contextmanager
 def _untouched(model):
-    """Restore buffers, parameters' flags and gradients, training flags and the RNG state.
+    """Restore buffers, parameters' flags and gradients, training flags and the RNG state;
+    yields the list of the model's modules.
 
     Buffers (BatchNorm's running statistics, counters) are copied and written back.
     Parameters are not copied, which would double the model's memory: measure never writes
-    them, and their version counters tell if the model's own forward pass did.
+    them, and their version counters tell if the model's own forward pass did. The model is
+    walked once and everything restored in a few calls: at a thousand modules this was a
+    fifth of the cost of measuring a small network.
     """
-    training = [(m, m.training) for m in model.modules()]
-    buffers = [(mod, name, buf, buf.detach().clone()) for mod in model.modules()
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    buffers = [(mod._buffers, name, buf) for mod in modules
                for name, buf in mod._buffers.items() if buf is not None]
-    params = [(mod, name, p, p._version, p.requires_grad, p.grad)
-              for mod in model.modules() for name, p in mod._parameters.items() if p is not None]
+    # One flat copy per dtype and device, not one small tensor per buffer (at a thousand
+    # blocks those were megabytes of tensor objects for kilobytes of data).
+    groups = {}
+    for _, _, buf in buffers:
+        groups.setdefault((buf.dtype, buf.device), []).append(buf)
+    saved = [(group, torch.cat([b.detach().reshape(-1) for b in group]))
+             for group in groups.values()]
+    params = [(mod._parameters, name, p, p._version, p.requires_grad, p.grad)
+              for mod in modules for name, p in mod._parameters.items() if p is not None]
     rng = torch.get_rng_state()
     try:
-        yield
+        yield modules
     finally:
         changed = []
         with torch.no_grad():
-            for mod, name, buf, saved in buffers:
-                mod._buffers[name] = buf
-                buf.copy_(saved)
-            for mod, name, p, version, req, grad in params:
-                mod._parameters[name] = p
+            for d, name, buf in buffers:
+                if d.get(name) is not buf:
+                    d[name] = buf
+            for group, flat in saved:
+                parts = flat.split([b.numel() for b in group])
+                torch._foreach_copy_(group, [v.view(b.shape) for v, b in zip(parts, group)])
+            for d, name, p, version, req, grad in params:
+                if d.get(name) is not p:
+                    d[name] = p
                 if p._version != version:
                     changed.append(name)
-                p.requires_grad_(req)
-                p.grad = grad
-        for m, flag in training:
-            m.training = flag
+                if p.requires_grad != req:
+                    p.requires_grad_(req)
+                if p.grad is not grad:
+                    p.grad = grad
+        for m, flag in zip(modules, training):
+            if m.training != flag:
+                m.training = flag
         torch.set_rng_state(rng)
         if changed:
             warnings.warn(f"the model's forward pass modified parameters in place "

@@ -337,3 +337,37 @@ def test_a_model_that_changes_its_own_parameters_is_reported():
             return self.block(x)
     with pytest.warns(ModelChangedWarning, match="block.l1.weight|weight"):
         propagation.measure(SelfEditing(), torch.randn(16, 8))
+
+
+def test_weak_identity_map_forgets_dead_tensors():
+    """measure's graph maps tensors to nodes by identity without keeping them alive; a tensor
+    that dies must take its entry with it, so that a new tensor reusing its id is unknown."""
+    import gc
+    from propagation.empirical import _WeakIds
+    ids = _WeakIds()
+    kept = torch.zeros(3)
+    ids.set(kept, 1)
+    for i in range(200):  # CPython reuses freed addresses: some of these share an id
+        t = torch.ones(3)
+        assert ids.get(t) is None and t not in ids
+        ids.set(t, i)
+        assert ids.get(t) == i
+        ids.set(t, -i)  # an in-place op gives the same tensor a new node
+        assert ids.get(t) == -i
+        del t
+    gc.collect()
+    assert len(ids) == 1 and ids.get(kept) == 1 and ids.keys() == [kept]
+
+
+def test_buffers_of_several_dtypes_are_restored_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(MLPBlock(8), MLPBlock(8))
+    model.register_buffer("counter64", torch.arange(5, dtype=torch.float64))
+    model.register_buffer("flag", torch.tensor(True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = {k: id(v) for k, v in model.named_buffers()}
+    propagation.measure(model, torch.randn(16, 8), seeds=2)  # train mode: BatchNorm writes
+    after = model.state_dict()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    assert ids == {k: id(v) for k, v in model.named_buffers()}
