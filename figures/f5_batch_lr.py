@@ -32,10 +32,10 @@ VARIANTS = (("batchnorm", None), ("skipinit", 0.0))
 SCALES = {
     "quick": dict(dataset="digits", depth=10, width=4, batch_sizes=(16, 64), epochs=0.5,
                   lrs=(2 ** -4, 2 ** -1), seeds=1),
-    # Two CPU cores: a WRN-16 of width 8 on the digits, 7 batch sizes x 9 learning rates.
+    # Two CPU cores: a WRN-16 of width 8 on the digits, 7 batch sizes x 10 learning rates.
     "default": dict(dataset="digits", depth=16, width=8,
                     batch_sizes=(8, 16, 32, 64, 128, 256, 512), epochs=10,
-                    lrs=tuple(2.0 ** k for k in range(-8, 1)), seeds=1),
+                    lrs=tuple(2.0 ** k for k in range(-8, 2)), seeds=1),
     # The paper's setting, approximately: WRN-16-4 on CIFAR-10, batch 16 to 4096.
     "full": dict(dataset="cifar10", depth=16, width=64,
                  batch_sizes=tuple(2 ** k for k in range(4, 13)), epochs=50,

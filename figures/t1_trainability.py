@@ -125,21 +125,23 @@ def main(argv=None):
             color = f"C{i}"
             y = np.asarray(r["curve"]["loss"], dtype=float)
             x = np.asarray(r["curve"]["step"], dtype=float)
-            fin = np.isfinite(y)
-            ax.plot(x[fin], y[fin], color=color, lw=1.2,
+            top = r["run"]["diverge_factor"] * np.log(10)  # the divergence threshold
+            shown = np.isfinite(y) & (y <= top)
+            ax.plot(x[shown], y[shown], color=color, lw=1.2,
                     label=f"{labels[v]}" + (" (diverged)" if r["diverged"] else ""))
-            if r["diverged"]:
-                ax.plot([r["diverged_at"]], [float(y[fin][-1]) if fin.any() else 1.0], "x",
-                        color=color, ms=8)
+            if r["diverged"]:  # an x on the threshold line, at the step it was crossed
+                ax.plot([r["diverged_at"]], [top], "x", color=color, ms=9, mew=2, clip_on=False)
             curves.append({"scheme": labels[v], "depth": depth, "lr": r["run"]["lr"],
                            "diverged": r["diverged"], "step": r["curve"]["step"],
                            "loss": _common.jsonable(y)})
         ax.set_yscale("log")
+        ax.axhline(top, color="0.6", lw=0.8, ls=":")
         ax.set_title(f"{depth} layers")
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("training loss (best lr per scheme)")
     axes[0][-1].legend(fontsize=7, loc="upper right")
-    _training.footer(fig, caption + " Curves: training loss, bin-averaged; x: divergence.")
+    _training.footer(fig, caption + " Curves: training loss, bin-averaged; dotted line: the divergence threshold; x: the "
+                     "step at which a run diverged.")
     fig.savefig(stem + ".pdf")
     fig.savefig(stem + ".png", dpi=110)
     with open(stem + ".json", "w") as f:
