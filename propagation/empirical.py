@@ -288,9 +288,12 @@ class _Recorder:
 
     def __init__(self, channel_axis):
         self.channel_axis = channel_axis
-        # per merge: (skip stats, branch stats, sum stats, projection, numel skip, numel sum,
-        # channels), each stats a list [second moment, squared mean, variance]
-        self.merges = []
+        # per merge, in flat arrays (some 100 bytes a merge): the statistics [second
+        # moment, squared mean, variance] of skip, branch and sum, and (projection, entries
+        # of skip, entries of sum, channels)
+        self.merges = 0
+        self._stats = array.array("d")
+        self._info = array.array("q")
         self.grads = {}       # merge index -> grad stats at the skip operand; -1: last sum
         self._hooked = _WeakIds()
         self._recent = []     # [(weak ref, version, statistics)], newest last
@@ -311,18 +314,25 @@ class _Recorder:
         return out
 
     def record(self, skip, skip_stats, branch_stats, total, projection):
-        k = len(self.merges)
-        self.merges.append((skip_stats, branch_stats, self.stats(total), projection,
-                            skip.numel(), total.numel(), _channels(total, self.channel_axis)))
+        k = self.merges
+        self._append(skip_stats, branch_stats, self.stats(total), projection, skip.numel(),
+                     total.numel(), _channels(total, self.channel_axis))
         self._hook(skip, k)
         self._last_sum = total
         return k
 
     def record_missing_skip(self, total):
         nan = [math.nan] * 3
-        self.merges.append((nan, nan, _channel_stats(total, self.channel_axis).tolist(), True,
-                            total.numel(), total.numel(), _channels(total, self.channel_axis)))
+        self._append(nan, nan, _channel_stats(total, self.channel_axis).tolist(), True,
+                     total.numel(), total.numel(), _channels(total, self.channel_axis))
         self._last_sum = total
+
+    def _append(self, skip, branch, total, projection, numel_skip, numel_sum, channels):
+        self._stats.extend(skip)
+        self._stats.extend(branch)
+        self._stats.extend(total)
+        self._info.extend((projection, numel_skip, numel_sum, channels))
+        self.merges += 1
 
     def _hook(self, t, k):
         if not (torch.is_grad_enabled() and t.requires_grad):
@@ -352,11 +362,13 @@ class _Recorder:
         self._handles.clear()
 
     def profile(self, **meta):
-        D = len(self.merges)
-        merges, last = self.merges, self.merges[-1]
-        skip = np.array([m[0] for m in merges] + [last[2]], dtype=np.float64)
-        branch = np.array([m[1] for m in merges], dtype=np.float64)
-        numel = np.array([m[4] for m in merges] + [last[5]], dtype=np.float64)
+        D = self.merges
+        stats = np.frombuffer(self._stats, dtype=np.float64).reshape(D, 3, 3).copy()
+        info = np.frombuffer(self._info, dtype=np.int64).reshape(D, 4).copy()
+        skip = np.concatenate((stats[:, 0], stats[-1:, 2]))
+        branch = stats[:, 1]
+        numel = np.append(info[:, 1], info[-1, 2]).astype(np.float64)
+        channels = info[:, 3]
         grad = np.full((D + 1, 3), np.nan)
         for k, g in self.grads.items():
             grad[k] = g
@@ -371,16 +383,16 @@ class _Recorder:
                           f"(dtype {meta['dtype']}): the signal overflowed. Measure with "
                           f"dtype=torch.float64, or fewer blocks.", NonFiniteWarning, stacklevel=4)
         meta["first_nonfinite_block"] = first_bad
-        meta["channels"] = min(m[6] for m in merges)
+        meta["channels"] = int(channels.min())
         # Values per channel that each statistic averaged over (batch x positions): the
         # squared channel mean of n such samples carries a finite-sample term variance / n.
-        meta["samples_per_channel"] = [m[4] / m[6] for m in merges] + [last[5] / last[6]]
+        meta["samples_per_channel"] = [int(n) / int(c) for n, c in zip(info[:, 1], channels)] + [
+            int(info[-1, 2]) / int(channels[-1])]
         with np.errstate(divide="ignore"):
-            meta["merge_log2_second_moment"] = np.log2(
-                np.array([m[2][0] for m in merges], dtype=np.float64)).tolist()
+            meta["merge_log2_second_moment"] = np.log2(stats[:, 2, 0]).tolist()
         return Profile(skip=Stats.from_linear(*skip.T), branch=Stats.from_linear(*branch.T),
                        grad=Stats.from_linear(*grad.T), depth=D,
-                       projection=np.array([m[3] for m in merges], dtype=bool),
+                       projection=info[:, 0].astype(bool),
                        source="measurement", meta=meta)
 
 
@@ -402,8 +414,8 @@ class _MergeFinder(TorchFunctionMode):
         # a weak entry.
         self.owned = {} if model is None else dict.fromkeys(
             (id(t) for t in (*model.parameters(), *model.buffers())), -1)
-        self.offsets = array.array("l", [0])
-        self.edges = array.array("l")
+        self.offsets = array.array("i", [0])
+        self.edges = array.array("i")
 
     def _node(self, t):
         node = self.owned.get(id(t))
@@ -627,30 +639,46 @@ def _untouched(model):
     """
     modules = list(model.modules())
     training = [m.training for m in modules]
-    buffers = [(mod._buffers, name, buf) for mod in modules
-               for name, buf in mod._buffers.items() if buf is not None]
-    # One flat copy per dtype and device, not one small tensor per buffer (at a thousand
-    # blocks those were megabytes of tensor objects for kilobytes of data).
+    b_dicts, b_names, b_tensors = [], [], []
+    for mod in modules:
+        for name, buf in mod._buffers.items():
+            if buf is not None:
+                b_dicts.append(mod._buffers)
+                b_names.append(name)
+                b_tensors.append(buf)
+    # One flat copy per dtype, device and 256 buffers, not one small tensor per buffer (at a
+    # thousand blocks those were megabytes of tensor objects for kilobytes of data); 256 at
+    # a time so that the views made on the way stay few.
     groups = {}
-    for _, _, buf in buffers:
+    for buf in b_tensors:
         groups.setdefault((buf.dtype, buf.device), []).append(buf)
-    saved = [(group, torch.cat([b.detach().reshape(-1) for b in group]))
-             for group in groups.values()]
-    params = [(mod._parameters, name, p, p._version, p.requires_grad, p.grad)
-              for mod in modules for name, p in mod._parameters.items() if p is not None]
+    saved = [(group[i:i + 256], torch.cat([b.detach().reshape(-1) for b in group[i:i + 256]]))
+             for group in groups.values() for i in range(0, len(group), 256)]
+    # Parallel lists, not a tuple per parameter: a few bytes a parameter while the pass runs.
+    p_dicts, p_names, p_tensors = [], [], []
+    for mod in modules:
+        for name, p in mod._parameters.items():
+            if p is not None:
+                p_dicts.append(mod._parameters)
+                p_names.append(name)
+                p_tensors.append(p)
+    p_versions = [p._version for p in p_tensors]
+    p_requires = [p.requires_grad for p in p_tensors]
+    p_grads = [p.grad for p in p_tensors]
     rng = torch.get_rng_state()
     try:
         yield modules
     finally:
         changed = []
         with torch.no_grad():
-            for d, name, buf in buffers:
+            for d, name, buf in zip(b_dicts, b_names, b_tensors):
                 if d.get(name) is not buf:
                     d[name] = buf
             for group, flat in saved:
                 parts = flat.split([b.numel() for b in group])
                 torch._foreach_copy_(group, [v.view(b.shape) for v, b in zip(parts, group)])
-            for d, name, p, version, req, grad in params:
+            for d, name, p, version, req, grad in zip(p_dicts, p_names, p_tensors, p_versions,
+                                                      p_requires, p_grads):
                 if d.get(name) is not p:
                     d[name] = p
                 if p._version != version:
