@@ -9,7 +9,9 @@ interrupted ``make figures`` continues where it stopped.
 import argparse
 import csv
 import io
+import json
 import os
+import time
 
 from propagation import train
 
@@ -111,5 +113,32 @@ def describe(scale, results):
             f"{scale['epochs']:g} epochs, random crops and flips")
 
 
-def footer(fig, caption):
-    _common.footer(fig, caption)
+def network(depth, scale):
+    """The network, for captions."""
+    w = scale["width"]
+    return (f"{depth}-layer ResNet-V2/Wide-ResNet-style net (3 stages of {(depth - 4) // 6} "
+            f"pre-activation basic blocks, widths {w}, {2 * w}, {4 * w})")
+
+
+def grid_text(scale):
+    return ", ".join(f"{lr:g}" for lr in scale["lrs"])
+
+
+def write(out, figure_id, title, caption, table_lines, data, started, fig=None,
+          fig_note=""):
+    """<out>/<id>.md (caption and table), .pdf and .png (when ``fig``), then .json (the
+    Makefile's target: written last, so a run that dies half-way is redone)."""
+    stem = os.path.join(out, figure_id)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# {figure_id}: {title}\n\n{caption}\n\n" + "\n".join(table_lines) + "\n")
+    if fig is not None:
+        _common.footer(fig, caption + fig_note)
+        fig.savefig(stem + ".pdf")
+        fig.savefig(stem + ".png", dpi=110)
+    seconds = round(time.time() - started, 2)
+    with open(stem + ".json", "w") as f:
+        json.dump({"figure": figure_id, "caption": caption, **data, "seconds": seconds}, f,
+                  indent=1)
+    print(f"{figure_id}: wrote {stem}.md, .csv, " + (".png, " if fig else "")
+          + f".json in {seconds:.1f} s")
+    print("\n".join(table_lines))

@@ -12,7 +12,6 @@ Writes F5.csv (every run), F5.md (the optimal learning rates), F5.json, F5.pdf, 
 Usage: python figures/f5_batch_lr.py [--quick | --full] [--out DIR] [--batch-sizes ...]
        [--lrs ...] [--epochs E] [--device cuda] [--dataset cifar10 --data-root DIR]
 """
-import json
 import os
 import sys
 import time
@@ -21,7 +20,6 @@ import numpy as np
 
 from propagation import plot
 
-import _common
 import _training
 
 FIGURE = "F5"
@@ -120,30 +118,15 @@ def main(argv=None):
     axes[1].set_title("(b) optimal and largest non-diverging lr")
     some = next(iter(results.values()))
     caption = (f"{FIGURE}: batch size against learning rate ({s['scale']} scale). Network: "
-               f"{depth}-layer ResNet-V2/Wide-ResNet-style net (widths {s['width']}, "
-               f"{2 * s['width']}, {4 * s['width']}); {_training.describe(s, [some])}, the same "
+               f"{_training.network(depth, s)}; {_training.describe(s, [some])}, the same "
                f"epoch budget at every batch size; learning-rate grid "
-               f"{', '.join(f'{lr:g}' for lr in s['lrs'])}; {s['seeds']} seed(s), device "
+               f"{_training.grid_text(s)}; {s['seeds']} seed(s), device "
                f"{s['device']}. Optimal lr: the grid point with the best test accuracy; "
                f"largest stable lr: the largest that did not diverge (a loss above 10 ln 10 "
                f"or non-finite). A point at the grid's edge means the optimum may lie beyond.")
-    _training.footer(fig, caption)
-    fig.savefig(stem + ".pdf")
-    fig.savefig(stem + ".png", dpi=110)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# {FIGURE}: batch size against learning rate\n\n{caption}\n\n"
-                + "\n".join(lines) + "\n")
-    with open(stem + ".json", "w") as f:
-        json.dump({"figure": FIGURE, "caption": caption, "settings": s, "summary": summary,
-                   "seconds": round(time.time() - started, 2)}, f, indent=1,
-                  default=_nan_to_none)
-    print(f"{FIGURE}: wrote {stem}.md, .csv, .png in {time.time() - started:.1f} s")
-    print("\n".join(lines))
+    _training.write(args.out, FIGURE, "batch size against learning rate", caption, lines,
+                    {"settings": s, "summary": summary}, started, fig)
     return 0
-
-
-def _nan_to_none(v):
-    raise TypeError(f"not JSON: {v!r}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ of the best learning rate per scheme, one panel per depth).
 Usage: python figures/t1_trainability.py [--quick | --full] [--out DIR] [--device cuda]
        [--dataset cifar10 --data-root DIR] [--depths ...] [--lrs ...] [--epochs E] ...
 """
-import json
 import os
 import sys
 import time
@@ -105,14 +104,10 @@ def main(argv=None):
                f"blocks, widths {s['width']}, {2 * s['width']}, {4 * s['width']}, each "
                f"scheme's blocks; {_training.describe(s, list(results.values()))}; batch "
                f"{s['batch_size']}, {n_steps} steps for every cell; learning-rate grid "
-               f"{', '.join(f'{lr:g}' for lr in s['lrs'])}; {s['seeds']} seed(s), device "
+               f"{_training.grid_text(s)}; {s['seeds']} seed(s), device "
                f"{s['device']}. Cell: test accuracy / final training loss (mean over the last "
                f"10% of steps) at the learning rate with the lowest final training loss, and "
                f"how many learning rates diverged (a loss above 10 ln 10 or non-finite).")
-    with open(stem + ".md", "w") as f:
-        f.write(f"# {FIGURE}: trainability against depth\n\n{caption}\n\n"
-                + "\n".join(lines) + "\n")
-
     # Curves: the best learning rate of each variant, one panel per depth.
     fig, axes = plot.subplots(1, len(s["depths"]), figsize=(4.2 * len(s["depths"]), 4.4),
                               sharey=True, squeeze=False)
@@ -140,16 +135,10 @@ def main(argv=None):
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("training loss (best lr per scheme)")
     axes[0][-1].legend(fontsize=7, loc="upper right")
-    _training.footer(fig, caption + " Curves: training loss, bin-averaged; dotted line: the divergence threshold; x: the "
-                     "step at which a run diverged.")
-    fig.savefig(stem + ".pdf")
-    fig.savefig(stem + ".png", dpi=110)
-    with open(stem + ".json", "w") as f:
-        json.dump({"figure": FIGURE, "caption": caption, "settings": s, "table": table,
-                   "curves": curves, "data": data,
-                   "seconds": round(time.time() - started, 2)}, f, indent=1)
-    print(f"{FIGURE}: wrote {stem}.md, .csv, .png in {time.time() - started:.1f} s")
-    print("\n".join(lines))
+    _training.write(args.out, FIGURE, "trainability against depth", caption, lines,
+                    {"settings": s, "table": table, "curves": curves, "data": data}, started,
+                    fig, " Curves: training loss, bin-averaged; dotted line: the divergence "
+                    "threshold; x: the step at which a run diverged.")
     return 0
 
 

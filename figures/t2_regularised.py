@@ -11,7 +11,6 @@ Writes T2.md (the table), T2.csv (every run), T2.json.
 Usage: python figures/t2_regularised.py [--quick | --full] [--out DIR] [--batch-sizes ...]
        [--dropout P] [--lrs ...] [--epochs E] [--device cuda] ...
 """
-import json
 import os
 import sys
 import time
@@ -61,22 +60,15 @@ def main(argv=None):
         lines.append("| " + " | ".join(row) + " |")
     some = next(iter(results.values()))
     caption = (f"{FIGURE}: Regularised SkipInit against SkipInit and BatchNorm ({s['scale']} "
-               f"scale). Network: {depth}-layer ResNet-V2/Wide-ResNet-style net (widths "
-               f"{s['width']}, {2 * s['width']}, {4 * s['width']}); "
+               f"scale). Network: {_training.network(depth, s)}; "
                f"{_training.describe(s, [some])}; Regularised SkipInit: SkipInit (alpha = 0) "
                f"+ a learnable scalar bias before every residual-branch convolution + dropout "
                f"{dropout:g} before the classifier. Cell: best test accuracy over the "
-               f"learning-rate grid {', '.join(f'{lr:g}' for lr in s['lrs'])}, with its "
+               f"learning-rate grid {_training.grid_text(s)}, with its "
                f"learning rate and final training and test losses; {s['seeds']} seed(s), "
                f"device {s['device']}.")
-    with open(stem + ".md", "w") as f:
-        f.write(f"# {FIGURE}: Regularised SkipInit across batch sizes\n\n{caption}\n\n"
-                + "\n".join(lines) + "\n")
-    with open(stem + ".json", "w") as f:
-        json.dump({"figure": FIGURE, "caption": caption, "settings": s, "table": table,
-                   "seconds": round(time.time() - started, 2)}, f, indent=1)
-    print(f"{FIGURE}: wrote {stem}.md, .csv, .json in {time.time() - started:.1f} s")
-    print("\n".join(lines))
+    _training.write(args.out, FIGURE, "Regularised SkipInit across batch sizes", caption,
+                    lines, {"settings": s, "table": table}, started)
     return 0
 
 

@@ -504,7 +504,7 @@ def _parser():
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=f"(default off)")
+            p.add_argument(flag, action="store_true", help="(default off)")
         else:
             kind = float if f.name == "alpha" else type(default)
             p.add_argument(flag, type=kind, default=default, help=f"(default {default})")
