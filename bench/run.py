@@ -157,7 +157,7 @@ def time_tables(quick):
     if quick:
         configs = [(d, 8, 8, 8, 3) for d in (10, 100)]
     else:
-        configs = [(d, *SMALL, 7 if d < 1000 else 5) for d in (10, 100, 1000)]
+        configs = [(d, *SMALL, 7) for d in (10, 100, 1000)]
         configs.append((100, *NEAR_REAL, 3))
     for depth, width, batch, size, reps in configs:
         model = build(depth, width)
