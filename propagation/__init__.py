@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {"measure": ("empirical", "measure"), "nets": ("nets", None),
          "compare": ("comparison", "compare"), "diagnose": ("comparison", "diagnose"),
          "input_state": ("comparison", "input_state"),
-         "plot": ("plot", None)}
+         "plot": ("plot", None), "train": ("train", None), "data": ("data", None)}
 
 
 def __getattr__(name):
@@ -27,4 +27,4 @@ def __getattr__(name):
 
 
 __all__ = ["predict", "measure", "compare", "diagnose", "input_state", "schemes", "register_scheme",
-           "unregister_scheme", "Param", "Profile", "Stats", "OverflowToInfWarning", "nets", "plot"]
+           "unregister_scheme", "Param", "Profile", "Stats", "OverflowToInfWarning", "nets", "plot", "train", "data"]
