@@ -4,7 +4,8 @@ same process (time) or the same kind of fresh process (peak memory).
     python bench/run.py            # tables 1-5 (make bench): about 6 minutes on two cores
     python bench/run.py --quick    # small sizes, under a minute
     python bench/run.py --make     # table 6 only: `make test` and a cold `make figures` in a
-                                   # temporary clone of HEAD (about 8 minutes on two cores)
+                                   # temporary clone of HEAD (half an hour on two cores: the
+                                   # figures include the training experiments)
 
 Tables printed:
   1. measure (forward only) / bare forward, same model, input and mode (train, no_grad)
