@@ -107,10 +107,9 @@ def write_csv(path, results, extra_columns=()):
 def describe(scale, results):
     """The data and scale, for captions."""
     data = results[0]["data"] if results else scale["dataset"]
+    augment = "random crops and flips" if scale.get("augment") else "no augmentation"
     return (f"data: {data}; SGD momentum 0.9, weight decay 5e-4, cosine decay over "
-            f"{scale['epochs']:g} epochs, no augmentation" if not scale.get("augment") else
-            f"data: {data}; SGD momentum 0.9, weight decay 5e-4, cosine decay over "
-            f"{scale['epochs']:g} epochs, random crops and flips")
+            f"{scale['epochs']:g} epochs, {augment}")
 
 
 def network(depth, scale):
