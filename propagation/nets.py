@@ -1,8 +1,9 @@
 """Reference PyTorch networks: every built-in scheme as a real, trainable residual network.
 
 Each scheme of the registry (schemes.py) builds its residual block from layer maps; the
-networks here are those blocks made of real layers, one entry of ``_NETWORKS`` per scheme, so
-that ``propagation.predict(**model.theory)`` is the infinite-width theory of ``model``.
+networks here are those blocks made of real layers, one block factory per scheme, named by
+the scheme's registration (``network=``), so that ``propagation.predict(**model.theory)`` is
+the infinite-width theory of ``model``.
 
 Every network is ``stem -> blocks -> head``. A block is a :class:`ResidualBlock`::
 
@@ -26,6 +27,7 @@ Weight Standardisation).
 """
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 from . import _checks, kernels
 from .predict import make_plan
-from .schemes import get_scheme, nf_expected_variance
+from .schemes import get_scheme, nf_expected_variance, with_networks
 
 __all__ = ["resnet_v2", "wide_resnet", "residual_mlp", "WSConv2d", "WSLinear",
            "ResidualBlock", "ResidualNetwork", "supported_schemes", "padding_factors"]
@@ -220,7 +222,7 @@ class _Geometry:
     """A block's weight layers: the branch (in order) and the projection (or None)."""
 
     branch: tuple
-    projection: _W = None
+    projection: Optional[_W] = None
 
     @property
     def c_in(self):
@@ -392,56 +394,28 @@ def _relu_bn_conv(plan, kit, gain2):
     return block
 
 
-@dataclass(frozen=True)
-class _Net:
-    factory: object
-    head_norm: str = None  # "batchnorm", "layernorm" or None
-
-
-_NETWORKS = {
-    "batchnorm": _Net(_batchnorm, "batchnorm"),
-    "none": _Net(_none),
-    "sqrt_half": _Net(_sqrt_half),
-    "skipinit": _Net(_skipinit),
-    "fixup": _Net(_fixup),
-    "nf": _Net(_nf),
-    "nf_he": _Net(_nf_he),
-    "layernorm": _Net(_layernorm, "layernorm"),
-    "postnorm": _Net(_postnorm, "layernorm"),
-    "relu_bn_conv": _Net(_relu_bn_conv, "batchnorm"),
-}
-
-# The registry entries these networks implement. A scheme re-registered under one of these
-# names with another build has no network here any more.
-_BUILT_WITH = {name: get_scheme(name).build for name in _NETWORKS}
-
-
 def supported_schemes():
-    """Names of the schemes that have a reference network (sorted)."""
-    return sorted(_NETWORKS)
+    """Names of the registered schemes that have a reference network (sorted)."""
+    return with_networks()
 
 
 # --- checks -----------------------------------------------------------------------------------
 
 def _scheme(scheme, params):
-    """The network entry and the cleaned parameters (defaults filled in) of ``scheme``."""
+    """The registry entry and the cleaned parameters (defaults filled in) of ``scheme``."""
     if not isinstance(scheme, str):
         raise TypeError(f"scheme must be a str, got {scheme!r} of type {type(scheme).__name__}")
-    supported = ", ".join(supported_schemes())
-    if scheme not in _NETWORKS:
+    supported = with_networks()
+    if scheme not in supported:
         try:
             get_scheme(scheme)
             what = f"scheme {scheme!r} is registered but has no reference network"
         except ValueError:
             what = f"unknown scheme {scheme!r}"
-        raise ValueError(f"{what}; networks exist for: {supported}"
-                         + _checks.close_names(scheme, _NETWORKS))
+        raise ValueError(f"{what}; networks exist for: {', '.join(supported)}"
+                         + _checks.close_names(scheme, supported))
     spec = get_scheme(scheme)
-    if spec.build is not _BUILT_WITH[scheme]:
-        raise ValueError(f"scheme {scheme!r} was re-registered with another build, so the "
-                         f"reference network no longer matches it; networks exist for the "
-                         f"built-in: {supported}")
-    return _NETWORKS[scheme], spec.clean_params(params)
+    return spec, spec.clean_params(params)
 
 
 def _stages(stages):
@@ -479,7 +453,7 @@ def _assemble(net, params, scheme, kit, stem, geometries, stages, layers, c_fina
     if plan.projection.tolist() != projection:
         raise AssertionError(f"internal: blocks {projection} do not match the plan "
                              f"{plan.projection.tolist()}")
-    block = net.factory(plan, kit, **params)
+    block = net.network_factory()(plan, kit, **params)
     blocks = [block(l, g) for l, g in enumerate(geometries)]
     # The last merge is the network's output x_D (predict's skip[-1], where the read-out of
     # the gradient theory sits): its post (sqrt_half's scale, postnorm's norm) is left out;

@@ -7,7 +7,7 @@ this registry, so a scheme added with :func:`register_scheme` is predicted and t
 the built-in ones.
 """
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -22,7 +22,7 @@ class Param:
 
     default: object
     doc: str
-    check: Callable = None
+    check: Optional[Callable] = None
 
     def clean(self, name, value):
         return self.check(name, value) if self.check else value
@@ -38,17 +38,49 @@ class Plan:
 
     depth: int
     projection: np.ndarray
-    stages: tuple = None
+    stages: Optional[tuple] = None
     layers: int = 2
 
 
 @dataclass(frozen=True)
 class Scheme:
+    """One registered scheme: its layer maps, its parameters and its reference network.
+
+    Attributes:
+        name, description, reference: what ``schemes()`` lists.
+        build: ``build(plan, **params) -> Block``, the block's layer maps (the theory).
+        params: ``{name: Param}``.
+        network: the factory of its reference network in ``propagation.nets`` (a callable
+            ``factory(plan, kit, **params) -> (block index, geometry) -> ResidualBlock``, or
+            "module:attribute" naming one, imported on first use so that registering stays
+            free of torch); None for a theory-only scheme.
+        head_norm: the norm in front of the reference network's classifier ("batchnorm",
+            "layernorm" or None).
+        zero_head: the classifier starts at zero (Fixup).
+        gate: the parameter settings at which the CI gate checks theory against the
+            reference network.
+    """
+
     name: str
     description: str
     reference: str
     build: Callable  # build(plan, **params) -> Block
     params: Mapping[str, Param] = field(default_factory=dict)
+    network: Optional[Union[str, Callable]] = None
+    head_norm: Optional[str] = None
+    zero_head: bool = False
+    gate: Tuple[Mapping[str, object], ...] = ({},)
+
+    def network_factory(self) -> Callable:
+        """The reference network's block factory (imported on first use)."""
+        if self.network is None:
+            raise ValueError(f"scheme {self.name!r} has no reference network; schemes with one: "
+                             f"{', '.join(with_networks())}")
+        if callable(self.network):
+            return self.network
+        module, attr = self.network.split(":")
+        import importlib
+        return getattr(importlib.import_module(module), attr)
 
     def defaults(self):
         return {k: p.default for k, p in self.params.items()}
@@ -68,8 +100,14 @@ class Scheme:
 _REGISTRY: dict = {}
 
 
-def register_scheme(name, description, reference, build, params=None, *, replace=False):
-    """Add a scheme to the registry (one call; ``predict`` and the generic tests pick it up).
+def register_scheme(name: str, description: str, reference: str, build: Callable,
+                    params: Optional[Mapping[str, Param]] = None, *,
+                    network: Optional[Union[str, Callable]] = None,
+                    head_norm: Optional[str] = None, zero_head: bool = False,
+                    gate: Tuple[Mapping[str, object], ...] = ({},),
+                    replace: bool = False) -> "Scheme":
+    """Add a scheme to the registry: one call, and ``predict``, ``propagation.nets``, the
+    gate, ``diagnose`` and the training runs pick it up.
 
     Args:
         name: the name ``predict`` takes.
@@ -78,6 +116,7 @@ def register_scheme(name, description, reference, build, params=None, *, replace
         build: ``build(plan, **params) -> Block``; ``plan.layers`` is the number of weight
             layers in a branch and ``plan.projection`` marks blocks with projection shortcuts.
         params: ``{name: Param(default, doc, check)}``.
+        network, head_norm, zero_head, gate: the reference network (see :class:`Scheme`).
         replace: allow overwriting an existing name.
     Returns: the registered :class:`Scheme`.
     """
@@ -85,7 +124,16 @@ def register_scheme(name, description, reference, build, params=None, *, replace
         raise ValueError(f"scheme name must be an identifier-like string, got {name!r}")
     if name in _REGISTRY and not replace:
         raise ValueError(f"scheme {name!r} is already registered; pass replace=True to overwrite it")
-    scheme = Scheme(name, description, reference, build, dict(params or {}))
+    _checks.choice("head_norm", head_norm, (None, "batchnorm", "layernorm"))
+    if network is not None and not (callable(network) or (isinstance(network, str)
+                                                          and network.count(":") == 1)):
+        raise TypeError(f"network must be a callable or 'module:attribute', got {network!r}")
+    params = dict(params or {})
+    gate = tuple(dict(g) for g in gate)
+    scheme = Scheme(name, description, reference, build, params, network, head_norm,
+                    bool(zero_head), gate)
+    for g in gate:
+        scheme.clean_params(g)  # a gate setting the scheme cannot take fails here, not in CI
     _REGISTRY[name] = scheme
     return scheme
 
@@ -104,6 +152,16 @@ def get_scheme(name):
         raise ValueError(f"unknown scheme {name!r}; known schemes: {', '.join(sorted(_REGISTRY))}"
                          + _checks.close_names(name, _REGISTRY))
     return _REGISTRY[name]
+
+
+def with_networks():
+    """Names of the registered schemes that have a reference network, sorted."""
+    return sorted(name for name, s in _REGISTRY.items() if s.network is not None)
+
+
+def registered():
+    """The registered :class:`Scheme` objects, in registration order."""
+    return list(_REGISTRY.values())
 
 
 def schemes():
@@ -191,28 +249,37 @@ def _relu_bn_conv(plan, gain2):
 
 
 _ALPHA_DOC = "branch multiplier alpha"
+_NETS = "propagation.nets:"  # the reference networks' block factories, imported on first use
 register_scheme("batchnorm", "BN-ReLU-Conv pre-activation blocks, BatchNorm in train mode",
-                "De & Smith 2020; He et al. 2016 (ResNet-V2)", _batchnorm)
-register_scheme("none", "unnormalised pre-activation blocks, He init", "De & Smith 2020", _none)
+                "De & Smith 2020; He et al. 2016 (ResNet-V2)", _batchnorm,
+                network=_NETS + "_batchnorm", head_norm="batchnorm")
+register_scheme("none", "unnormalised pre-activation blocks, He init", "De & Smith 2020", _none,
+                network=_NETS + "_none")
 register_scheme("sqrt_half", "unnormalised blocks rescaled after the merge: (x + f(x)) / sqrt(2)",
-                "De & Smith 2020", _sqrt_half)
+                "De & Smith 2020", _sqrt_half, network=_NETS + "_sqrt_half")
 register_scheme("skipinit", "unnormalised blocks with a scalar alpha at the end of each branch",
                 "De & Smith 2020 (SkipInit); Bachlechner et al. 2020 (ReZero)", _skipinit,
-                {"alpha": Param(0.0, _ALPHA_DOC + " (0 makes every block the identity)", nonneg_finite)})
+                {"alpha": Param(0.0, _ALPHA_DOC + " (0 makes every block the identity)", nonneg_finite)},
+                network=_NETS + "_skipinit", gate=({"alpha": 0.0}, {"alpha": 0.1}))
 register_scheme("fixup", "unnormalised blocks whose last branch layer is zero-initialised",
-                "Zhang, Dauphin & Ma 2019 (Fixup)", _fixup)
+                "Zhang, Dauphin & Ma 2019 (Fixup)", _fixup, network=_NETS + "_fixup",
+                zero_head=True)
 register_scheme("nf", "NF-ResNet: x + alpha f(x / beta_l), ReLU + Scaled Weight Standardisation",
                 "Brock, De & Smith 2021", _nf,
-                {"alpha": Param(0.2, _ALPHA_DOC + "; beta_l^2 = 1 + alpha^2 l", nonneg_finite)})
+                {"alpha": Param(0.2, _ALPHA_DOC + "; beta_l^2 = 1 + alpha^2 l", nonneg_finite)},
+                network=_NETS + "_nf")
 register_scheme("nf_he", "NF-ResNet scaling with He-initialised (not standardised) weights",
                 "Brock, De & Smith 2021 (their He-init baseline)",
                 lambda plan, alpha: _nf(plan, alpha, ws=False),
-                {"alpha": Param(0.2, _ALPHA_DOC, nonneg_finite)})
+                {"alpha": Param(0.2, _ALPHA_DOC, nonneg_finite)}, network=_NETS + "_nf_he")
 register_scheme("layernorm", "pre-LN blocks: LayerNorm over channels before each ReLU",
-                "Xiong et al. 2020 (pre-LN)", _layernorm)
+                "Xiong et al. 2020 (pre-LN)", _layernorm, network=_NETS + "_layernorm",
+                head_norm="layernorm")
 register_scheme("postnorm", "post-LN blocks: x <- LayerNorm(x + f(x)), unnormalised branch",
-                "Vaswani et al. 2017 (post-LN)", _postnorm)
+                "Vaswani et al. 2017 (post-LN)", _postnorm, network=_NETS + "_postnorm",
+                head_norm="layernorm")
 register_scheme("relu_bn_conv", "ReLU-BN-Conv ordering: the conv reads BatchNorm's zero-mean output",
                 "Brock, De & Smith 2021 (signal propagation plots)", _relu_bn_conv,
                 {"gain2": Param(2.0, "squared gain of the conv weights (2 = He, 1 = LeCun)",
-                                lambda n, v: _checks.finite_float(n, v, low=0.0))})
+                                lambda n, v: _checks.finite_float(n, v, low=0.0))},
+                network=_NETS + "_relu_bn_conv", head_norm="batchnorm")

@@ -33,6 +33,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 from . import _checks
 from . import data as _data
@@ -50,7 +51,8 @@ class Run:
         scheme: a scheme with a reference network (``propagation.nets.supported_schemes()``).
         depth: layers, 6 N + 4 with N >= 1 blocks per stage (10, 16, 22, ..., 1000).
         width: stage-0 width w (stages w, 2w, 4w); 16 k is a WRN-depth-k.
-        alpha: SkipInit's alpha (only for scheme="skipinit"; None: its default, 0).
+        alpha: the scheme's alpha, for schemes that take one (skipinit, nf, nf_he; None:
+            the scheme's default).
         regularised: Regularised SkipInit's additions: a learnable scalar bias before every
             convolution of every residual branch and dropout (``dropout``) before the
             classifier's linear layer.
@@ -71,7 +73,7 @@ class Run:
     scheme: str = "batchnorm"
     depth: int = 16
     width: int = 8
-    alpha: float = None
+    alpha: Optional[float] = None
     regularised: bool = False
     dropout: float = 0.2
     batch_size: int = 64
@@ -87,17 +89,19 @@ class Run:
     diverge_factor: float = 10.0
 
     def __post_init__(self):
-        from . import nets
-        _checks.choice("scheme", self.scheme, tuple(nets.supported_schemes()))
+        from .schemes import get_scheme, with_networks
+        _checks.choice("scheme", self.scheme, tuple(with_networks()))
         depth = _checks.positive_int("depth", self.depth)
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"depth must be 6 N + 4 layers with N >= 1 blocks per stage "
                              f"(10, 16, 22, ..., 1000), got depth={self.depth!r}")
         _checks.positive_int("width", self.width)
         if self.alpha is not None:
-            if self.scheme != "skipinit":
-                raise ValueError(f"alpha is SkipInit's parameter; scheme={self.scheme!r} "
-                                 f"takes none (got alpha={self.alpha!r})")
+            if "alpha" not in get_scheme(self.scheme).params:
+                raise ValueError(f"scheme={self.scheme!r} takes no alpha (got alpha="
+                                 f"{self.alpha!r}); schemes with one: "
+                                 + ", ".join(s for s in with_networks()
+                                             if "alpha" in get_scheme(s).params))
             _checks.finite_float("alpha", self.alpha)
         if self.regularised and self.scheme != "skipinit":
             raise ValueError(f"regularised=True is Regularised SkipInit: it needs "
@@ -115,7 +119,7 @@ class Run:
         _checks.choice("schedule", self.schedule, ("cosine", "constant"))
         _checks.choice("dataset", self.dataset, _data.DATASETS)
         _checks.positive_int("seed", self.seed, allow_zero=True)
-        if not isinstance(self.device, str) or not self.device.split(":")[0] in (
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in (
                 "cpu", "cuda", "mps"):
             raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', "
                              f"got {self.device!r}")
@@ -125,12 +129,14 @@ class Run:
 
     @property
     def label(self):
-        name = self.scheme
-        if self.scheme == "skipinit":
-            name = (f"skipinit (alpha={0.0 if self.alpha is None else self.alpha:g})"
-                    if not self.regularised else
-                    f"regularised skipinit (dropout {self.dropout:g})")
-        return name
+        from .schemes import get_scheme
+        if self.regularised:
+            return f"regularised {self.scheme} (dropout {self.dropout:g})"
+        spec = get_scheme(self.scheme)
+        if "alpha" not in spec.params:
+            return self.scheme
+        alpha = spec.params["alpha"].default if self.alpha is None else self.alpha
+        return f"{self.scheme} (alpha={alpha:g})"
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -161,7 +167,8 @@ def build_model(run, in_channels, classes):
                            block="basic", in_channels=in_channels, num_classes=classes,
                            **params)
     linear = model.head[-1]
-    if run.scheme == "fixup":
+    from .schemes import get_scheme
+    if get_scheme(run.scheme).zero_head:
         nn.init.zeros_(linear.weight)
         nn.init.zeros_(linear.bias)
     if run.regularised:
@@ -394,7 +401,7 @@ def run(run, cache=None, data_root=None, progress=True):
     return run_all([run], cache=cache, workers=1, data_root=data_root, progress=progress)[0]
 
 
-_WORKER = {}
+_WORKER: dict = {}
 
 
 def _init_worker(slots, threads):

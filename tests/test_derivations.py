@@ -18,7 +18,7 @@ import propagation
 from propagation import kernels, predict
 from propagation.layers import NUMPY, ReLUScaledWS
 from propagation.predict import make_plan
-from propagation.schemes import nf_expected_variance
+from propagation.schemes import nf_expected_variance, registered
 
 from derivations import blocks, closed_forms as cf, kernels as dk  # noqa: E402
 
@@ -209,22 +209,20 @@ def test_nf_expected_variance_matches_the_derivation():
 
 # --- closed forms against predict ---------------------------------------------------------------
 
-# (scheme, params, input_second_moment q0, input_squared_mean m0). Every derived scheme, several
-# alphas, and non-default inputs wherever the closed form allows them.
-CASES = [
-    ("batchnorm", {}, 1.0, 0.0), ("batchnorm", {}, 1.7, 0.5),
-    ("none", {}, 1.0, 0.0), ("none", {}, 1.7, 0.3),
-    ("sqrt_half", {}, 1.7, 0.3),
-    ("skipinit", {"alpha": 0.0}, 1.0, 0.0), ("skipinit", {"alpha": 0.1}, 1.0, 0.0),
+# (scheme, params, input_second_moment q0, input_squared_mean m0): every registered scheme at
+# each of its registered gate settings from the default input (the registry is the one list
+# of schemes), then more alphas and non-default inputs wherever the closed form allows them.
+EXTRA_CASES = [
+    ("batchnorm", {}, 1.7, 0.5), ("none", {}, 1.7, 0.3), ("sqrt_half", {}, 1.7, 0.3),
     ("skipinit", {"alpha": 0.3}, 1.7, 0.2), ("skipinit", {"alpha": 1.0}, 1.7, 0.0),
     ("fixup", {}, 1.7, 0.5),
     ("nf", {"alpha": 0.05}, 1.0, 0.0), ("nf", {"alpha": 0.2}, 1.7, 0.0),
     ("nf", {"alpha": 0.2}, 1.7, 0.4), ("nf", {"alpha": 1.0}, 1.0, 0.0),
     ("nf_he", {"alpha": 0.2}, 1.7, 0.3), ("nf_he", {"alpha": 1.0}, 1.0, 0.0),
-    ("layernorm", {}, 1.0, 0.0), ("layernorm", {}, 1.7, 0.5),
-    ("postnorm", {}, 1.0, 0.0), ("postnorm", {}, 1.7, 0.5),
-    ("relu_bn_conv", {"gain2": 2.0}, 1.7, 0.0), ("relu_bn_conv", {"gain2": 1.0}, 1.7, 0.5),
+    ("layernorm", {}, 1.7, 0.5), ("postnorm", {}, 1.7, 0.5),
+    ("relu_bn_conv", {"gain2": 1.0}, 1.7, 0.5), ("relu_bn_conv", {"gain2": 2.0}, 1.7, 0.0),
 ]
+CASES = [(s.name, s.clean_params(p), 1.0, 0.0) for s in registered() for p in s.gate] + EXTRA_CASES
 
 
 def case_id(case):
@@ -298,9 +296,11 @@ def check_gradient(case, depth, layers=2):
     assert_close(p.grad.second_moment[:-1], expected, tol, f"{scheme} grad.second_moment (D={depth})")
 
 
+# Depth 1000 is the claim; depth 50 keeps every case in `make test-fast`.
+@pytest.mark.parametrize("depth", [50, pytest.param(1000, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_skip_and_branch_match_the_closed_forms_at_every_block(case):
-    check_forward(case, 1000)
+def test_skip_and_branch_match_the_closed_forms_at_every_block(case, depth):
+    check_forward(case, depth)
 
 
 # relu_bn_conv's gradient has a closed form only for m0 = 0 (its BN divides by the variance of
@@ -308,7 +308,7 @@ def test_skip_and_branch_match_the_closed_forms_at_every_block(case):
 GRADIENT_CASES = [c for c in CASES if not (c[0] == "relu_bn_conv" and c[3] != 0.0)]
 
 
-@pytest.mark.parametrize("depth", [1, 2, 17, 20, 1000])
+@pytest.mark.parametrize("depth", [1, 2, 17, 20, pytest.param(1000, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", GRADIENT_CASES, ids=case_id)
 def test_gradient_matches_the_closed_form(case, depth):
     check_gradient(case, depth)
@@ -320,6 +320,7 @@ BOTTLENECK_CASES = [("batchnorm", {}, 1.7, 0.5), ("nf", {"alpha": 0.2}, 1.7, 0.0
                     ("skipinit", {"alpha": 0.3}, 1.7, 0.2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BOTTLENECK_CASES, ids=case_id)
 def test_bottleneck_branches_match_the_closed_forms(case):
     """Three weight layers per branch (layers=3), derived separately."""
@@ -327,6 +328,7 @@ def test_bottleneck_branches_match_the_closed_forms(case):
     check_gradient(case, 300, layers=3)
 
 
+@pytest.mark.slow
 def test_exponential_growth_rounding():
     """skipinit with alpha in (0.3, 1) at D = 1000: predict's log2 recursion adds log2(1 +
     alpha^2) a thousand times at |log2 q| up to ~860, where one rounding is ~1e-13, and the

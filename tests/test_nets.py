@@ -260,6 +260,7 @@ def test_fixup_last_layers_are_zero_and_the_net_is_the_identity():
     assert torch.equal(mlp(x), x)
 
 
+@pytest.mark.slow
 def test_a_thousand_blocks_build_and_run():
     conv = nets.resnet_v2(stages=(1000,), width=16, block="basic", scheme="batchnorm")
     assert len(conv.blocks) == 1000 and not any(conv.projection)
@@ -415,17 +416,45 @@ def test_every_registered_builtin_has_a_network():
     assert set(nets.supported_schemes()) >= set(propagation.schemes())
 
 
-def test_a_builtin_name_re_registered_with_another_build_is_refused():
+def _restore(spec):
+    propagation.register_scheme(spec.name, spec.description, spec.reference, spec.build,
+                                spec.params, network=spec.network, head_norm=spec.head_norm,
+                                zero_head=spec.zero_head, gate=spec.gate, replace=True)
+
+
+def test_a_scheme_re_registered_without_a_network_has_none():
+    # A scheme is one registration: a new build without a network must not keep building
+    # the old network, whose theory it no longer is.
     original = get_scheme("none")
     propagation.register_scheme("none", "changed", "test", lambda plan: original.build(plan),
                                 replace=True)
     try:
-        with pytest.raises(ValueError, match="'none' was re-registered"):
+        with pytest.raises(ValueError, match="'none' is registered but has no reference network"):
             nets.residual_mlp(3, scheme="none")
+        assert "none" not in nets.supported_schemes()
+        assert "none" not in {s for s, _ in propagation.gate.settings()}
     finally:
-        propagation.register_scheme(original.name, original.description, original.reference,
-                                    original.build, original.params, replace=True)
+        _restore(original)
     assert nets.residual_mlp(3, width=4, scheme="none").scheme == "none"
+
+
+def test_a_registered_scheme_with_a_network_is_built_and_gated():
+    # One call registers the maps, the parameters, the network and the gate settings.
+    base = get_scheme("skipinit")
+    propagation.register_scheme("half_skipinit", "skipinit, gated at alpha 0.5", "test",
+                                base.build, base.params, network=base.network,
+                                gate=({"alpha": 0.5},))
+    try:
+        model = nets.residual_mlp(4, width=16, scheme="half_skipinit", alpha=0.5)
+        assert model.theory == {"depth": 4, "scheme": "half_skipinit", "stages": None,
+                                "project_first": False, "layers": 2, "alpha": 0.5}
+        assert ("half_skipinit", {"alpha": 0.5}) in propagation.gate.settings()
+        with pytest.raises(TypeError, match="takes no parameter 'beta'"):
+            propagation.register_scheme("bad_gate", "x", "x", base.build, base.params,
+                                        network=base.network, gate=({"beta": 1.0},))
+    finally:
+        propagation.unregister_scheme("half_skipinit")
+        propagation.unregister_scheme("bad_gate")
 
 
 def test_padding_factors_count_in_bounds_taps():

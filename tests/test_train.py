@@ -89,7 +89,7 @@ def test_cifar10_loader_errors_name_the_folder_and_what_is_missing(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(depth=15), "depth must be 6 N \\+ 4"),
     (dict(scheme="batchnrom"), "did you mean 'batchnorm'"),
-    (dict(scheme="batchnorm", alpha=0.5), "alpha is SkipInit's parameter"),
+    (dict(scheme="batchnorm", alpha=0.5), "scheme='batchnorm' takes no alpha"),
     (dict(scheme="fixup", regularised=True), "needs scheme='skipinit'"),
     (dict(lr=0.0), "lr must be > 0"),
     (dict(epochs=-1.0), "epochs must be > 0"),
@@ -130,6 +130,7 @@ def test_fixup_classifier_starts_at_zero():
 
 # --- the loop ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_loss_decreases_for_a_shallow_batchnorm_net(digits):
     r = train.train(train.Run(scheme="batchnorm", lr=0.1, **TINY), digits, progress=False)
     assert not r["diverged"] and r["steps_run"] == r["steps"] == math.ceil(2 * len(digits.y_train) / 32)
@@ -142,6 +143,7 @@ def test_loss_decreases_for_a_shallow_batchnorm_net(digits):
     assert r["test_acc"] > 0.5  # chance is 0.1
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_and_other_seed_other_run(digits):
     run = train.Run(scheme="skipinit", alpha=0.2, **{**TINY, "epochs": 0.3})
     a, b = (train.train(run, digits, progress=False) for _ in range(2))
@@ -150,6 +152,7 @@ def test_same_seed_same_run_and_other_seed_other_run(digits):
     assert a["curve"] != c["curve"]
 
 
+@pytest.mark.slow
 def test_a_diverging_configuration_is_reported_and_stopped(digits):
     r = train.train(train.Run(scheme="batchnorm", lr=1e4, momentum=0.0, **TINY), digits,
                     progress=False)
@@ -169,6 +172,7 @@ def test_overflow_at_initialisation_is_divergence_at_step_0(digits):
 
 # --- cache ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_cached_run_is_not_recomputed(tmp_path, monkeypatch, digits):
     run = train.Run(scheme="batchnorm", **{**TINY, "epochs": 0.3})
     first = train.run(run, cache=tmp_path, progress=False)
@@ -182,6 +186,7 @@ def test_a_cached_run_is_not_recomputed(tmp_path, monkeypatch, digits):
         train.run(train.Run(**{**run.to_dict(), "lr": 0.2}), cache=tmp_path, progress=False)
 
 
+@pytest.mark.slow
 def test_an_interrupted_grid_continues_where_it_stopped(tmp_path, monkeypatch, digits):
     runs = [train.Run(scheme="skipinit", alpha=a, **{**TINY, "epochs": 0.2})
             for a in (0.0, 0.1, 0.2)]
@@ -199,6 +204,7 @@ def test_an_interrupted_grid_continues_where_it_stopped(tmp_path, monkeypatch, d
     assert trained == runs[1:] + runs[2:]  # a half-written file is redone
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_in_process_results(tmp_path, digits):
     runs = [train.Run(scheme=s, **{**TINY, "epochs": 0.3}) for s in ("batchnorm", "fixup")]
     pooled = train.run_all(runs, cache=tmp_path / "a", workers=2, progress=False)
@@ -232,6 +238,7 @@ def _cli(args, nproc=None):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo_match_one_process():
     # No BatchNorm (SkipInit): each process takes half of every batch and DDP averages the
     # gradients, which is the one-process gradient of the mean loss. Only the order of
@@ -249,6 +256,7 @@ def test_torchrun_two_processes_gloo_match_one_process():
     assert abs(two["test_acc"] - one["test_acc"]) <= 1 / 359  # at most one test image
 
 
+@pytest.mark.slow
 def test_torchrun_batchnorm_runs_with_per_process_statistics():
     out = _cli(["--scheme", "batchnorm", "--depth", "10", "--width", "4", "--batch-size",
                 "32", "--epochs", "0.2", "--quiet"], nproc=2)
