@@ -31,11 +31,12 @@ N = 700). The z term is zero in the infinite-width limit.
 """
 import math
 from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 from . import _checks
-from .profile import Profile
+from .profile import Normalised, Profile
 
 #: Target relative tolerances (ln(1 + t) in log space) per quantity, from issue 4.
 TOLERANCE = {"second_moment": 0.10, "squared_mean": 0.15, "variance": 0.15, "grad": 0.25}
@@ -142,10 +143,10 @@ def finite_width_sigma(theory, width, layers=2, quantity="second_moment"):
     # How much of the spread at a block's input reaches its operands: all of it unless a
     # normalisation sits in between (predict records where; other profiles are assumed
     # unnormalised, the wider band). A norm after the merge fixes the second moment exactly.
-    norm = theory.meta.get("normalised", {})
-    carry_b = 0.0 if norm.get("branch") else 1.0
-    carry_p = 0.0 if norm.get("pre") else 1.0
-    post_reset = bool(norm.get("post")) and quantity == "second_moment"
+    norm = theory.normalised or Normalised()
+    carry_b = 0.0 if norm.branch else 1.0
+    carry_p = 0.0 if norm.pre else 1.0
+    post_reset = norm.post and quantity == "second_moment"
     var = np.zeros(theory.depth + 1)
     inherited = np.zeros(theory.depth)
     v = 0.0
@@ -166,7 +167,7 @@ def grad_sigma(theory, width, layers=2):
     branch of block k carries the share chi_k / (1 + chi_k) of the gradient reaching its
     input, and each of its weight layers multiplies that share by a gain of relative variance
     7/n. ``predict`` records the shares; for other profiles they are inferred from G."""
-    share = theory.meta.get("grad_branch_share")
+    share = theory.grad_branch_share
     if share is None:
         g = theory.grad.log2_second_moment
         with np.errstate(over="ignore", invalid="ignore"):
@@ -177,8 +178,9 @@ def grad_sigma(theory, width, layers=2):
     return np.sqrt(var)
 
 
-def compare(theory, measured, *, width=None, quantities=("second_moment", "squared_mean",
-                                                          "variance", "grad"), skip_first=False):
+def compare(theory: Profile, measured: Profile, *, width: Optional[int] = None,
+            quantities: Sequence[str] = ("second_moment", "squared_mean", "variance", "grad"),
+            skip_first: bool = False) -> "Comparison":
     """Compare a prediction with a measurement, per block and quantity.
 
     Args:
@@ -199,7 +201,7 @@ def compare(theory, measured, *, width=None, quantities=("second_moment", "squar
     for q in quantities:
         _checks.choice("quantities entry", q, tuple(TOLERANCE))
     if width is None:
-        width = measured.meta.get("channels")
+        width = measured.channels
         if width is None:
             raise ValueError("width is needed for the finite-width band: pass width=<channels>")
     width = _checks.positive_int("width", width)
@@ -261,8 +263,15 @@ def compare(theory, measured, *, width=None, quantities=("second_moment", "squar
     return Comparison(rows=tuple(rows), width=width, seeds=seeds)
 
 
-def input_state(measured):
+def input_state(measured: Profile) -> Dict[str, float]:
     """``predict`` keyword arguments for the measured state of x_0, the first block's input.
+
+    x_0 is the input of the module that owns the first merge (``measured.block_input[0]``):
+    for a block with an identity shortcut, its skip operand; for a block with a projection
+    shortcut, the tensor both the projection and the branch start from, before any
+    normalisation they share, which ``predict`` applies itself. (The skip operand of a
+    projection-first network is the projection's output: starting there would apply the
+    projection twice.) Profiles without ``block_input`` fall back to ``skip[0]``.
 
     The squared channel mean of n samples per channel overestimates the population one by
     variance / n, and the sample variance is (1 - 1/n) of it; that term is removed here
@@ -270,16 +279,20 @@ def input_state(measured):
     """
     if not isinstance(measured, Profile):
         raise TypeError(f"measured must be a propagation.Profile, got {type(measured).__name__}")
-    q0 = float(measured.skip.second_moment[0])
-    m0 = float(measured.skip.squared_mean[0])
-    v0 = float(measured.skip.variance[0])
-    n0 = float(_samples_per_channel(measured)[0][0])
+    stats, n0 = measured.skip, float(_samples_per_channel(measured)[0][0])
+    if (measured.block_input is not None
+            and np.isfinite(measured.block_input.log2_second_moment[0])
+            and measured.block_input_samples_per_channel is not None):
+        stats, n0 = measured.block_input, float(measured.block_input_samples_per_channel[0])
+    q0 = float(stats.second_moment[0])
+    m0 = float(stats.squared_mean[0])
+    v0 = float(stats.variance[0])
     return {"input_second_moment": q0,
             "input_squared_mean": min(max(m0 - v0 / (n0 - 1.0), 0.0), q0)}
 
 
 def _samples_per_channel(measured):
-    n = measured.meta.get("samples_per_channel")
+    n = measured.samples_per_channel
     if n is None:
         return np.full(measured.depth + 1, np.inf), np.full(measured.depth, np.inf)
     n = np.asarray(n, dtype=np.float64)
@@ -330,7 +343,7 @@ def _fit(q):
     return fits
 
 
-def diagnose(measured):
+def diagnose(measured: Profile) -> "Diagnosis":
     """Name the growth law of the skip path and what it means for the residual branches.
 
     Returns a :class:`Diagnosis`; ``str()`` of it is a few sentences, e.g.
@@ -395,7 +408,8 @@ def diagnose(measured):
         closest = "batchnorm" if rate > 0.5 else "nf"
         msgs.append(f"skip path grows linearly, {rate:+.2f} per block relative to its start: "
                     f"consistent with {closest} (downscale ~ sqrt(l)"
-                    + (")" if closest == "batchnorm" else f" / alpha, alpha ~ {math.sqrt(rate):.2f})"))
+                    + (")" if closest == "batchnorm"
+                       else f" / alpha, alpha ~ {math.sqrt(max(rate, 0.0)):.2f})"))
     else:
         rate = 1.0
         if branch_zero:
@@ -417,11 +431,11 @@ def diagnose(measured):
     if len(segments) > 1 and law == "linear":
         msgs.append(f"the growth restarts at {len(segments) - 1} stage boundaries (projection "
                     f"shortcuts reset the skip path)")
-    if measured.meta.get("mode") == "eval" and law == "exponential":
+    if measured.mode == "eval" and law == "exponential":
         msgs.append("measured in eval mode: BatchNorm at initialisation then uses running statistics "
                     "(0, 1) and is the identity, so a BatchNorm network looks unnormalised; measure "
                     "with mode='train'")
-    sums = measured.meta.get("merge_log2_second_moment")
+    sums = measured.merge_log2_second_moment
     if sums is not None and measured.depth > 1:
         skip_l2 = measured.skip.log2_second_moment[1:-1]
         prev = np.asarray(sums[:-1], dtype=np.float64)

@@ -25,6 +25,8 @@ import math
 import numbers
 import warnings
 import weakref
+from dataclasses import replace
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from . import _checks
-from .profile import Profile, Stats, quantile_over
+from .profile import Profile, Stats, quantile_over, quantile_stats
 
 _ADDS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
                    torch.Tensor.__iadd__, torch.Tensor.__radd__})
@@ -47,8 +49,11 @@ class NoMergesError(ValueError):
     """The model has no residual merge that ``measure`` can see."""
 
 
-def measure(model, inputs, *, seeds=1, loss=None, backward=True, channel_axis=1, mode="train",
-            dtype=None, blocks=None, progress=None):
+def measure(model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+            inputs: Union[Tensor, Sequence[Tensor], Callable[[int], Tensor]], *, seeds: int = 1,
+            loss: Optional[Callable[[Any], Tensor]] = None, backward: bool = True,
+            channel_axis: int = 1, mode: str = "train", dtype: Optional[torch.dtype] = None,
+            blocks: Any = None, progress: Optional[bool] = None) -> Profile:
     """Measure per-block signal propagation in a PyTorch network at its current weights.
 
     Args:
@@ -113,10 +118,12 @@ def measure(model, inputs, *, seeds=1, loss=None, backward=True, channel_axis=1,
     if n == 1:
         return samples[0]
     median = quantile_over(samples, 0.5)
-    meta = {**samples[0].meta, "seeds": n}
-    return Profile(skip=median[0], branch=median[1], grad=median[2], depth=samples[0].depth,
-                   projection=samples[0].projection, source="measurement",
-                   samples=tuple(samples), meta=meta)
+    first = samples[0]
+    bad = [s.first_nonfinite_block for s in samples if s.first_nonfinite_block is not None]
+    return replace(first, skip=median[0], branch=median[1], grad=median[2],
+                   block_input=quantile_stats([s.block_input for s in samples], 0.5),
+                   samples=tuple(samples), first_nonfinite_block=min(bad) if bad else None,
+                   meta={**first.meta, "seeds": n})
 
 
 # --- one forward (+ backward) pass -----------------------------------------------------------
@@ -292,6 +299,8 @@ class _Recorder:
         # moment, squared mean, variance] of skip, branch and sum, and (projection, entries
         # of skip, entries of sum, channels)
         self.merges = 0
+        self.names = []       # per merge, the name of the module that owns it
+        self._inputs = array.array("d")  # per merge, statistics of the block input
         self._stats = array.array("d")
         self._info = array.array("q")
         self.grads = {}       # merge index -> grad stats at the skip operand; -1: last sum
@@ -313,21 +322,31 @@ class _Recorder:
             del self._recent[0]
         return out
 
-    def record(self, skip, skip_stats, branch_stats, total, projection):
+    def input_stats(self, x):
+        """Statistics of a block input and its values per channel (batch x positions)."""
+        return self.stats(x) + [x.numel() / _channels(x, self.channel_axis)]
+
+    def record(self, skip, skip_stats, branch_stats, total, projection, name="",
+               input_stats=None):
         k = self.merges
         self._append(skip_stats, branch_stats, self.stats(total), projection, skip.numel(),
-                     total.numel(), _channels(total, self.channel_axis))
+                     total.numel(), _channels(total, self.channel_axis), name,
+                     [math.nan] * 4 if input_stats is None else input_stats)
         self._hook(skip, k)
         self._last_sum = total
         return k
 
-    def record_missing_skip(self, total):
+    def record_missing_skip(self, total, name=""):
         nan = [math.nan] * 3
         self._append(nan, nan, _channel_stats(total, self.channel_axis).tolist(), True,
-                     total.numel(), total.numel(), _channels(total, self.channel_axis))
+                     total.numel(), total.numel(), _channels(total, self.channel_axis), name,
+                     nan + [math.nan])
         self._last_sum = total
 
-    def _append(self, skip, branch, total, projection, numel_skip, numel_sum, channels):
+    def _append(self, skip, branch, total, projection, numel_skip, numel_sum, channels, name,
+                block_input):
+        self.names.append(name)
+        self._inputs.extend(block_input)
         self._stats.extend(skip)
         self._stats.extend(branch)
         self._stats.extend(total)
@@ -361,9 +380,10 @@ class _Recorder:
             h.remove()
         self._handles.clear()
 
-    def profile(self, **meta):
+    def profile(self, mode, **meta):
         D = self.merges
         stats = np.frombuffer(self._stats, dtype=np.float64).reshape(D, 3, 3).copy()
+        inputs = np.frombuffer(self._inputs, dtype=np.float64).reshape(D, 4).copy()
         info = np.frombuffer(self._info, dtype=np.int64).reshape(D, 4).copy()
         skip = np.concatenate((stats[:, 0], stats[-1:, 2]))
         branch = stats[:, 1]
@@ -382,18 +402,19 @@ class _Recorder:
             warnings.warn(f"activations are not finite from skip-path position {first_bad} on "
                           f"(dtype {meta['dtype']}): the signal overflowed. Measure with "
                           f"dtype=torch.float64, or fewer blocks.", NonFiniteWarning, stacklevel=4)
-        meta["first_nonfinite_block"] = first_bad
-        meta["channels"] = int(channels.min())
         # Values per channel that each statistic averaged over (batch x positions): the
         # squared channel mean of n such samples carries a finite-sample term variance / n.
-        meta["samples_per_channel"] = [int(n) / int(c) for n, c in zip(info[:, 1], channels)] + [
-            int(info[-1, 2]) / int(channels[-1])]
+        per_channel = np.append(info[:, 1] / channels, info[-1, 2] / channels[-1])
         with np.errstate(divide="ignore"):
-            meta["merge_log2_second_moment"] = np.log2(stats[:, 2, 0]).tolist()
+            merge_log2 = np.log2(stats[:, 2, 0])
         return Profile(skip=Stats.from_linear(*skip.T), branch=Stats.from_linear(*branch.T),
                        grad=Stats.from_linear(*grad.T), depth=D,
-                       projection=info[:, 0].astype(bool),
-                       source="measurement", meta=meta)
+                       projection=info[:, 0].astype(bool), source="measurement",
+                       block_input=Stats.from_linear(*inputs[:, :3].T),
+                       block_input_samples_per_channel=inputs[:, 3], names=tuple(self.names),
+                       channels=int(channels.min()), samples_per_channel=per_channel,
+                       merge_log2_second_moment=merge_log2, first_nonfinite_block=first_bad,
+                       mode=mode, meta=meta)
 
 
 # --- finding merges ----------------------------------------------------------------------------
@@ -416,6 +437,43 @@ class _MergeFinder(TorchFunctionMode):
             (id(t) for t in (*model.parameters(), *model.buffers())), -1)
         self.offsets = array.array("i", [0])
         self.edges = array.array("i")
+        # The modules whose forward is running, outermost first: (name, node of the first
+        # tensor input or -1, weak reference to that tensor or None).
+        self.stack = []
+
+    def enter(self, name, args, kwargs):
+        x = _first_tensor_arg(args, kwargs)
+        if x is None:
+            self.stack.append((name, -1, None))
+        else:
+            self.stack.append((name, self._node(x), weakref.ref(x)))
+
+    def leave(self):
+        if self.stack:
+            self.stack.pop()
+
+    def owner(self, ancestor):
+        """(name, input tensor) of the innermost running module whose input is ``ancestor``
+        or one of its ancestors: the residual block that contains the merge whose operands
+        meet at ``ancestor``. ("", None) when no running module's input qualifies."""
+        for name, node, ref in reversed(self.stack):
+            if node >= 0 and self._descends(ancestor, node):
+                return name, (ref() if ref is not None else None)
+        return "", None
+
+    def _descends(self, node, ancestor, limit=10_000):
+        """Whether ``ancestor`` is ``node`` or one of its ancestors (parents are older, so
+        only nodes at least as new as ``ancestor`` are searched)."""
+        todo, seen = [node], set()
+        while todo and len(seen) < limit:
+            n = todo.pop()
+            if n == ancestor:
+                return True
+            if n < ancestor or n in seen:
+                continue
+            seen.add(n)
+            todo.extend(self.parents(n))
+        return False
 
     def _node(self, t):
         node = self.owned.get(id(t))
@@ -443,9 +501,11 @@ class _MergeFinder(TorchFunctionMode):
         if func in _ADDS and len(args) >= 2 and kwargs.get("alpha", 1) == 1:
             merge = self._merge_operands(args[0], args[1])
             if merge is not None:
-                skip, branch, projection = merge
+                skip, branch, projection, ancestor = merge
                 # Operand statistics before the call: an in-place add overwrites one of them.
                 pre = (self.recorder.stats(skip), self.recorder.stats(branch))
+                name, x = self.owner(ancestor)
+                block = (name, None if x is None else self.recorder.input_stats(x))
         out = func(*args, **kwargs)
         if isinstance(out, Tensor):
             outs = (out,)
@@ -467,7 +527,7 @@ class _MergeFinder(TorchFunctionMode):
             for o in outs:
                 self._assign(o, new)
         if merge is not None:
-            self.recorder.record(skip, pre[0], pre[1], out, projection)
+            self.recorder.record(skip, pre[0], pre[1], out, projection, *block)
         return out
 
     def _merge_operands(self, a, b):
@@ -479,15 +539,16 @@ class _MergeFinder(TorchFunctionMode):
         found = self._latest_common_ancestor(na, nb)
         if found is None:
             return None
-        da, db = found
+        da, db, ancestor = found
         # The skip path is the operand closer to the common ancestor (the ancestor itself for
         # an identity shortcut); on a tie the first operand is taken as the skip path.
         if db < da:
-            return b, a, db > 0
-        return a, b, da > 0
+            return b, a, db > 0, ancestor
+        return a, b, da > 0, ancestor
 
     def _latest_common_ancestor(self, na, nb, limit=100_000):
-        """Distances from na and nb to their latest common ancestor (by creation), or None.
+        """Distances from na and nb to their latest common ancestor (by creation), and that
+        ancestor, or None.
 
         Node ids grow with creation time and parents are older than children, so popping the
         newest node first reaches the latest common ancestor before any older one.
@@ -505,7 +566,7 @@ class _MergeFinder(TorchFunctionMode):
             steps += 1
             da, db = dist[node]
             if da is not None and db is not None:
-                return da, db
+                return da, db, node
             for p in self.parents(node):
                 d = dist.setdefault(p, [None, None])
                 if da is not None and (d[0] is None or d[0] > da + 1):
@@ -518,36 +579,56 @@ class _MergeFinder(TorchFunctionMode):
 
 @contextlib.contextmanager
 def _search(model, recorder, matcher):
-    if matcher is None:
-        finder = _MergeFinder(recorder, model)
-        with finder:
-            # The input and the parameters are roots of the graph.
-            yield
-    else:
-        handles = []
-        try:
+    handles = []
+    try:
+        if matcher is None:
+            finder = _MergeFinder(recorder, model)
+            # Every module's entry and exit, to name the block that owns each merge and
+            # read its input (always_call: the exit runs also when the forward raises).
+            for name, module in model.named_modules():
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args, kwargs, name=name: finder.enter(name, args, kwargs),
+                    with_kwargs=True))
+                handles.append(module.register_forward_hook(
+                    lambda m, args, out: finder.leave(), always_call=True))
+            with finder:
+                # The input and the parameters are roots of the graph.
+                yield
+        else:
             for name, module in model.named_modules():
                 if matcher(name, module):
-                    handles.append(module.register_forward_hook(_block_hook(recorder)))
+                    handles.append(module.register_forward_hook(_block_hook(recorder, name)))
             yield
-        finally:
-            for h in handles:
-                h.remove()
+    finally:
+        for h in handles:
+            h.remove()
     recorder.finish_forward()
 
 
-def _block_hook(recorder):
+def _block_hook(recorder, name):
     def hook(module, args, output):
         x = args[0] if args else None
         if not isinstance(output, torch.Tensor):
             return None
         if isinstance(x, torch.Tensor) and x.shape == output.shape:
-            recorder.record(x, recorder.stats(x), _channel_stats(output - x, recorder.channel_axis),
-                            output, projection=False)
+            recorder.record(x, recorder.stats(x),
+                            _channel_stats(output - x, recorder.channel_axis).tolist(),
+                            output, projection=False, name=name,
+                            input_stats=recorder.input_stats(x))
         else:
-            recorder.record_missing_skip(output)
+            recorder.record_missing_skip(output, name)
         return None
     return hook
+
+
+def _first_tensor_arg(args, kwargs):
+    for a in args:
+        if isinstance(a, Tensor):
+            return a
+    for a in kwargs.values():
+        if isinstance(a, Tensor):
+            return a
+    return None
 
 
 def _block_matcher(blocks):

@@ -7,7 +7,8 @@ access and warn, never silently, when a value does not fit in float64.
 """
 import json
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -63,12 +64,25 @@ class Stats:
     def __len__(self):
         return len(self.log2_second_moment)
 
-    def _map(self, fn):
-        return Stats(*(fn(a) for a in (self.log2_second_moment, self.log2_squared_mean,
-                                       self.log2_variance)))
 
 
 QUANTITIES = ("second_moment", "squared_mean", "variance")
+
+
+@dataclass(frozen=True)
+class Normalised:
+    """Where a block's normalisations sit (theory): a finite network's random drift of scale
+    stops at a normalisation, so ``compare`` narrows its finite-width band there.
+
+    Attributes:
+        branch: a normalisation in the block's ``pre`` or residual branch.
+        pre: a normalisation in ``pre`` (shared by the branch and the projection shortcut).
+        post: a normalisation after the merge (post-LN).
+    """
+
+    branch: bool = False
+    pre: bool = False
+    post: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,7 +102,31 @@ class Profile:
         scheme, params: what was predicted (theory) or what the caller said (measurement).
         samples: for measurements over several seeds, one Profile per seed; the main
             fields then hold the median over seeds.
-        meta: free-form facts about how the profile was made (for captions).
+
+    Theory only (None on measurements):
+        grad_branch_share: (depth,), the share of the gradient at each block input that came
+            through the residual branch (``compare`` sizes the gradient band with it).
+        normalised: where the block normalises (:class:`Normalised`).
+
+    Measurement only (None on theory):
+        block_input: Stats (depth,) of each block's input: the input of the module that owns
+            the merge (for an identity shortcut, the skip operand itself; for a projection
+            block, the tensor the projection and the branch both start from, before any
+            shared normalisation). ``input_state`` starts the theory from ``block_input[0]``.
+        block_input_samples_per_channel: (depth,), values per channel behind ``block_input``.
+        names: (depth,), the qualified name of the module that owns each merge ("" for the
+            model itself).
+        channels: the smallest channel count among the merges (the width of the finite-width
+            band).
+        samples_per_channel: (depth + 1,), values per channel that each skip statistic
+            averaged over (batch x positions); the squared channel mean of n samples carries
+            a finite-sample term variance / n.
+        merge_log2_second_moment: (depth,), log2 second moment of each merge's sum.
+        first_nonfinite_block: the first skip position whose statistics are not finite.
+        mode: "train", "eval" or "keep", as measured.
+
+        meta: free-form facts about how the profile was made, for captions (input shape,
+            dtype, seed, ...); nothing in the toolkit reads it.
     """
 
     skip: Stats
@@ -97,23 +135,33 @@ class Profile:
     depth: int
     projection: np.ndarray
     source: str = "theory"
-    scheme: str = None
+    scheme: Optional[str] = None
     params: dict = field(default_factory=dict)
-    samples: tuple = ()
+    samples: Tuple["Profile", ...] = ()
+    grad_branch_share: Optional[np.ndarray] = None
+    normalised: Optional[Normalised] = None
+    block_input: Optional[Stats] = None
+    block_input_samples_per_channel: Optional[np.ndarray] = None
+    names: Optional[Tuple[str, ...]] = None
+    channels: Optional[int] = None
+    samples_per_channel: Optional[np.ndarray] = None
+    merge_log2_second_moment: Optional[np.ndarray] = None
+    first_nonfinite_block: Optional[int] = None
+    mode: Optional[str] = None
     meta: dict = field(default_factory=dict)
 
     @property
-    def log2_downscale(self):
+    def log2_downscale(self) -> np.ndarray:
         """log2 of sqrt(skip.second_moment[:-1] / branch.second_moment), shape (depth,)."""
         with np.errstate(invalid="ignore"):
             return 0.5 * (self.skip.log2_second_moment[:-1] - self.branch.log2_second_moment)
 
     @property
-    def downscale(self):
+    def downscale(self) -> np.ndarray:
         """The factor by which each residual branch is downscaled relative to its skip path."""
         return _exp2("downscale", self.log2_downscale)
 
-    def quantile(self, q):
+    def quantile(self, q: float) -> "Profile":
         """Per-position quantile ``q`` in [0, 1] over ``samples`` (a Profile of the same shape)."""
         if not self.samples:
             raise ValueError("quantile needs a profile measured over several seeds "
@@ -121,30 +169,49 @@ class Profile:
         skip, branch, grad = quantile_over(self.samples, q)
         return replace(self, skip=skip, branch=branch, grad=grad, samples=())
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         """A JSON-ready dict (linear and log2 values; ``samples`` included)."""
-        def stats(s):
-            return {f"log2_{k}": _jsonable(getattr(s, f"log2_{k}")) for k in QUANTITIES}
+        def array(a):
+            return None if a is None else _jsonable(a)
         return {"source": self.source, "scheme": self.scheme, "params": self.params,
                 "depth": self.depth, "projection": self.projection.astype(bool).tolist(),
-                "skip": stats(self.skip), "branch": stats(self.branch), "grad": stats(self.grad),
+                "skip": _stats_dict(self.skip), "branch": _stats_dict(self.branch),
+                "grad": _stats_dict(self.grad),
                 "log2_downscale": _jsonable(self.log2_downscale),
+                "grad_branch_share": array(self.grad_branch_share),
+                "normalised": None if self.normalised is None else asdict(self.normalised),
+                "block_input": None if self.block_input is None else _stats_dict(self.block_input),
+                "block_input_samples_per_channel": array(self.block_input_samples_per_channel),
+                "names": None if self.names is None else list(self.names),
+                "channels": self.channels,
+                "samples_per_channel": array(self.samples_per_channel),
+                "merge_log2_second_moment": array(self.merge_log2_second_moment),
+                "first_nonfinite_block": self.first_nonfinite_block, "mode": self.mode,
                 "meta": {k: _jsonable(v) if isinstance(v, np.ndarray) else v
                          for k, v in self.meta.items()},
                 "samples": [s.to_dict() for s in self.samples]}
 
     @classmethod
-    def from_dict(cls, d):
-        def stats(s):
-            return Stats(*(np.array([float(v) for v in s[f"log2_{k}"]], dtype=np.float64)
-                           for k in QUANTITIES))
-        return cls(skip=stats(d["skip"]), branch=stats(d["branch"]), grad=stats(d["grad"]),
-                   depth=d["depth"], projection=np.array(d["projection"], dtype=bool),
+    def from_dict(cls, d: dict) -> "Profile":
+        def array(a):
+            return None if a is None else np.array([float(v) for v in a], dtype=np.float64)
+        return cls(skip=_stats_from(d["skip"]), branch=_stats_from(d["branch"]),
+                   grad=_stats_from(d["grad"]), depth=d["depth"],
+                   projection=np.array(d["projection"], dtype=bool),
                    source=d["source"], scheme=d["scheme"], params=d["params"],
                    samples=tuple(cls.from_dict(s) for s in d.get("samples", ())),
+                   grad_branch_share=array(d.get("grad_branch_share")),
+                   normalised=None if d.get("normalised") is None else Normalised(**d["normalised"]),
+                   block_input=None if d.get("block_input") is None else _stats_from(d["block_input"]),
+                   block_input_samples_per_channel=array(d.get("block_input_samples_per_channel")),
+                   names=None if d.get("names") is None else tuple(d["names"]),
+                   channels=d.get("channels"),
+                   samples_per_channel=array(d.get("samples_per_channel")),
+                   merge_log2_second_moment=array(d.get("merge_log2_second_moment")),
+                   first_nonfinite_block=d.get("first_nonfinite_block"), mode=d.get("mode"),
                    meta=d.get("meta", {}))
 
-    def to_json(self, **kw):
+    def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
 
     def __repr__(self):
@@ -153,18 +220,32 @@ class Profile:
                 f"seeds={len(self.samples) or 1}, params={self.params})")
 
 
+def _stats_dict(s):
+    return {f"log2_{k}": _jsonable(getattr(s, f"log2_{k}")) for k in QUANTITIES}
+
+
+def _stats_from(d):
+    return Stats(*(np.array([float(v) for v in d[f"log2_{k}"]], dtype=np.float64)
+                   for k in QUANTITIES))
+
+
 def quantile_over(profiles, q):
     """Per-position quantile ``q`` of (skip, branch, grad) over profiles of one network,
     taken on the log2 values and ignoring NaN (a quantity a sample did not measure)."""
-    def over(part):
-        stats = []
-        for k in QUANTITIES:
-            stack = np.stack([getattr(getattr(p, part), f"log2_{k}") for p in profiles])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN positions stay NaN
-                stats.append(np.nanquantile(stack, q, axis=0))
-        return Stats(*stats)
-    return over("skip"), over("branch"), over("grad")
+    return tuple(quantile_stats([getattr(p, part) for p in profiles], q)
+                 for part in ("skip", "branch", "grad"))
+
+
+def quantile_stats(stats, q):
+    """Per-position quantile ``q`` of a list of Stats of one shape, on the log2 values,
+    ignoring NaN. An exactly-zero quantity (log2 = -inf) in every sample stays -inf."""
+    out = []
+    for k in QUANTITIES:
+        stack = np.stack([getattr(s, f"log2_{k}") for s in stats])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN positions stay NaN
+            out.append(np.nanquantile(stack, q, axis=0))
+    return Stats(*out)
 
 
 def _jsonable(a):

@@ -58,7 +58,7 @@ def test_finite_batch_term_of_the_squared_mean():
     # What a finite sample of n values per channel measures: m + v / n.
     m = p.skip.squared_mean + p.skip.variance / n
     measured = dataclasses.replace(
-        p, source="measurement", meta={"samples_per_channel": [n] * 6, "channels": 10**9},
+        p, source="measurement", samples_per_channel=np.full(6, n), channels=10**9,
         skip=Stats.from_linear(p.skip.second_moment, m, p.skip.second_moment - m))
     assert compare(p, measured, quantities=("squared_mean",)).ok
     state = propagation.input_state(measured)
