@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 import propagation
-from propagation import nets, plot
+from propagation import plot
 
 
 def parse_args(figure_id, description, argv=None):
@@ -59,19 +59,17 @@ def gaussian_input(seed, shape, dtype=None):
 
 def measure_and_predict(build, shape, seeds, mode):
     """Measure ``seeds`` seeded initialisations of ``build()`` on their own N(0, 1) batches
-    (forward only) and predict the same finite network: ``model.theory`` with the zero
-    padding of its convolutions, started from the measured state of x_0 (the stem output).
+    (forward only) and predict the same finite network with ``propagation.check``:
+    ``model.theory`` with the zero padding of its convolutions, started from the measured
+    state of the first block's input.
 
     Returns (measured, theory, predict kwargs as JSON, input state).
     """
-    models = [seeded(seed, build) for seed in range(seeds)]
-    xs = [gaussian_input(seed, shape) for seed in range(seeds)]
-    measured = propagation.measure(models, xs, seeds=seeds, backward=False, mode=mode,
-                                   progress=False)
-    state = propagation.input_state(measured)
-    kwargs = predict_kwargs(models[0].theory, **state,
-                            padding_factors=nets.padding_factors(models[0], shape).tolist())
-    return measured, propagation.predict(**kwargs), kwargs, state
+    result = propagation.check(build, shape, seeds=seeds, backward=False, mode=mode,
+                               progress=False)
+    kwargs = result.predict_kwargs
+    state = {k: kwargs[k] for k in ("input_second_moment", "input_squared_mean")}
+    return result.measured, result.theory, kwargs, state
 
 
 def jsonable(a):

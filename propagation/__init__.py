@@ -5,7 +5,7 @@
 imported when the measuring, network and plotting parts are first used.
 """
 from .predict import predict
-from .profile import OverflowToInfWarning, Profile, Stats
+from .profile import Normalised, OverflowToInfWarning, Profile, Stats
 from .schemes import Param, register_scheme, schemes, unregister_scheme
 
 __version__ = "0.1.0"
@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 _LAZY = {"measure": ("empirical", "measure"), "nets": ("nets", None),
          "compare": ("comparison", "compare"), "diagnose": ("comparison", "diagnose"),
          "input_state": ("comparison", "input_state"),
+         "check": ("pipeline", "check"), "Check": ("pipeline", "Check"),
+         "gaussian_inputs": ("pipeline", "gaussian_inputs"), "gate": ("gate", None),
          "plot": ("plot", None), "train": ("train", None), "data": ("data", None)}
 
 
@@ -26,5 +28,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["predict", "measure", "compare", "diagnose", "input_state", "schemes", "register_scheme",
-           "unregister_scheme", "Param", "Profile", "Stats", "OverflowToInfWarning", "nets", "plot", "train", "data"]
+__all__ = ["predict", "measure", "compare", "diagnose", "check", "Check", "gaussian_inputs",
+           "input_state", "schemes", "register_scheme", "unregister_scheme", "Param", "Profile",
+           "Stats", "Normalised", "OverflowToInfWarning", "nets", "plot", "train", "data", "gate"]

@@ -95,28 +95,39 @@ def _parser():
     return p
 
 
-def _build(spec, kwargs, seed):
-    import torch
+class BuilderError(Exception):
+    """The user's model builder raised: reported as one line, exit status 2."""
+
+
+def _builder(spec, kwargs):
+    """The ``module:callable`` of --model with its --arg keyword arguments, as a builder
+    ``() -> nn.Module``; an error raised inside the user's code becomes a BuilderError."""
     if ":" not in spec:
         raise ValueError(f"--model must look like module:callable, got {spec!r}")
     mod, name = spec.split(":", 1)
-    builder = getattr(importlib.import_module(mod), name, None)
-    if builder is None:
-        raise ValueError(f"{mod!r} has no attribute {name!r}")
-    torch.manual_seed(seed)
-    return builder(**kwargs)
+    try:
+        module = importlib.import_module(mod)
+    except ImportError as err:
+        raise ValueError(f"--model: cannot import {mod!r}: {err}") from None
+    builder = getattr(module, name, None)
+    if builder is None or not callable(builder):
+        raise ValueError(f"--model: {mod!r} has no callable {name!r}")
+
+    def build():
+        try:
+            return builder(**kwargs)
+        except Exception as err:
+            raise BuilderError(f"--model {spec} raised {type(err).__name__}: {err}") from err
+    return build
 
 
 def _measure(args):
-    import torch
     import propagation
-    kwargs = dict(args.arg)
-    models = [_build(args.model, kwargs, s) for s in range(args.seeds)]
-
-    def inputs(seed):
-        return torch.randn(args.input, generator=torch.Generator().manual_seed(10_000 + seed))
-    m = propagation.measure(models, inputs, seeds=args.seeds, mode=args.mode,
-                            channel_axis=args.channel_axis, backward=not args.no_backward)
+    from propagation.pipeline import build_models
+    models = build_models(_builder(args.model, dict(args.arg)), args.seeds)
+    m = propagation.measure(models, propagation.gaussian_inputs(args.input), seeds=args.seeds,
+                            mode=args.mode, channel_axis=args.channel_axis,
+                            backward=not args.no_backward)
     return models[0], m
 
 
@@ -145,35 +156,25 @@ def main(argv=None):
             p = propagation.predict(args.depth, args.scheme, stages=args.stages, **params)
             out.write(p.to_json() + "\n") if args.json else _print_profile(p, out)
             return 0
-        model, m = _measure(args)
         if args.command == "measure":
+            _, m = _measure(args)
             out.write(m.to_json() + "\n") if args.json else _print_profile(m, out)
             if args.plot:
                 propagation.plot.plot_profile(measured=m).figure.savefig(args.plot)
             return 0
-        theory_kwargs = dict(getattr(model, "theory", {}))
-        if args.scheme is not None:
-            theory_kwargs = {k: v for k, v in theory_kwargs.items()
-                             if k in ("depth", "stages", "project_first", "layers")}
-            theory_kwargs["scheme"] = args.scheme
-        elif "scheme" not in theory_kwargs:
-            raise ValueError("--scheme is needed: the model has no .theory to say which it is")
-        theory_kwargs.update(params)
-        if args.stages is not None:
-            theory_kwargs["stages"] = args.stages
-        theory_kwargs.setdefault("depth", m.depth)
-        if args.depth is not None:
-            theory_kwargs["depth"] = args.depth
-        if isinstance(model, propagation.nets.ResidualNetwork):
-            theory_kwargs["padding_factors"] = propagation.nets.padding_factors(model, args.input)
-        t = propagation.predict(**propagation.input_state(m), **theory_kwargs)
-        r = propagation.compare(t, m, width=args.width)
-        if args.json:
-            out.write(json.dumps(r.to_dict()) + "\n")
-        else:
-            out.write(r.table() + "\n")
-            out.write(str(propagation.diagnose(m)) + "\n")
-        return 0 if r.ok else 1
+        overrides = dict(params)
+        for key in ("scheme", "stages", "depth"):
+            if getattr(args, key) is not None:
+                overrides[key] = getattr(args, key)
+        result = propagation.check(
+            _builder(args.model, dict(args.arg)), args.input, seeds=args.seeds, width=args.width,
+            mode=args.mode, channel_axis=args.channel_axis, backward=not args.no_backward,
+            **overrides)
+        out.write(json.dumps(result.to_dict()) + "\n" if args.json else result.table() + "\n")
+        return 0 if result.ok else 1
+    except BuilderError as err:
+        sys.stderr.write(f"propagation {args.command}: error: {err}\n")
+        return 2
     except (ValueError, TypeError, ImportError, RuntimeError, KeyError) as err:
         sys.stderr.write(f"propagation {args.command}: error: {err}\n")
         return 2

@@ -1,0 +1,223 @@
+"""``check``: the theory of a measured model, in one call.
+
+Measure a model over seeds, predict the same finite network (its ``theory``, the zero
+padding of its convolutions, the measured state of its first block's input), compare the
+two and diagnose the measurement. The command line (``propagation check``), the figures, the
+CI gate and its agreement table all go through :func:`check`, so there is one definition of
+"the theory of this measured model".
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import _checks
+from .comparison import TOLERANCE, Comparison, Diagnosis, compare, diagnose, input_state
+from .empirical import measure
+from .predict import predict
+from .profile import Profile
+
+#: The keys of a theory dict that describe the architecture, not the scheme: kept when the
+#: caller names another scheme than the model's own.
+STRUCTURE = ("depth", "stages", "project_first", "layers")
+ALL_QUANTITIES = tuple(TOLERANCE)
+
+Builder = Callable[[], torch.nn.Module]
+Inputs = Union[torch.Tensor, Sequence[torch.Tensor], Callable[[int], torch.Tensor],
+               Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Check:
+    """Theory, measurement, their comparison and a diagnosis of one model.
+
+    Attributes:
+        theory: the prediction, a :class:`Profile` (``predict(**predict_kwargs)``).
+        measured: the measurement, a :class:`Profile` over ``seeds`` initialisations.
+        comparison: per block and quantity, the log-ratio and its band (:class:`Comparison`).
+        diagnosis: the growth law of the skip path and what it means, or None with
+            ``diagnosis_note`` saying why there is none.
+        predict_kwargs: JSON-ready keyword arguments that reproduce ``theory``.
+    """
+
+    theory: Profile
+    measured: Profile
+    comparison: Comparison
+    diagnosis: Optional[Diagnosis]
+    predict_kwargs: dict
+    diagnosis_note: str = ""
+    models: tuple = field(default=(), repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every block and quantity lies in its band."""
+        return self.comparison.ok
+
+    def table(self) -> str:
+        """The comparison's table, then the diagnosis."""
+        diag = str(self.diagnosis) if self.diagnosis is not None else self.diagnosis_note
+        return self.comparison.table() + ("\n" + diag if diag else "")
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "predict": self.predict_kwargs,
+                "comparison": self.comparison.to_dict(),
+                "diagnosis": None if self.diagnosis is None else {
+                    "law": self.diagnosis.law, "rate": self.diagnosis.rate,
+                    "closest": self.diagnosis.closest, "messages": list(self.diagnosis.messages)},
+                "diagnosis_note": self.diagnosis_note}
+
+
+def gaussian_inputs(shape: Sequence[int], dtype: Optional[torch.dtype] = None
+                    ) -> Callable[[int], torch.Tensor]:
+    """``seed -> tensor``: an i.i.d. N(0, 1) batch of ``shape`` per seed, drawn in ``dtype``
+    (default float32) from a generator seeded with 10000 + seed.
+
+    The offset keeps the inputs apart from the weights: ``torch.manual_seed(s)`` and a
+    generator seeded with s draw the same numbers, and a weight matrix equal to its input is
+    no random network.
+    """
+    shape = tuple(_checks.positive_int(f"shape[{i}]", s) for i, s in enumerate(shape))
+    dtype = dtype or torch.float32
+
+    def inputs(seed: int) -> torch.Tensor:
+        return torch.randn(shape, generator=torch.Generator().manual_seed(10_000 + seed),
+                           dtype=dtype)
+    return inputs
+
+
+def build_models(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder],
+                 seeds: int) -> list:
+    """One model per seed: a builder is called under ``torch.manual_seed(seed)``; a module
+    or a list of modules is used as it is."""
+    if isinstance(model, torch.nn.Module):
+        return [model]
+    if isinstance(model, (list, tuple)):
+        return list(model)
+    if callable(model):
+        models = []
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            built = model()
+            if not isinstance(built, torch.nn.Module):
+                raise TypeError(f"the model builder must return a torch.nn.Module, got "
+                                f"{type(built).__name__}")
+            models.append(built)
+        return models
+    raise TypeError(f"model must be a torch.nn.Module, a list of them or a builder "
+                    f"() -> nn.Module, got {type(model).__name__}")
+
+
+def _is_shape(inputs: Any) -> bool:
+    return (isinstance(inputs, (tuple, list)) and len(inputs) > 0
+            and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in inputs))
+
+
+def _first_input(inputs: Any) -> Optional[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], torch.Tensor):
+        return inputs[0]
+    return None
+
+
+def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inputs: Inputs, *,
+          seeds: int = 1, theory: Optional[Mapping[str, Any]] = None,
+          width: Optional[int] = None, quantities: Sequence[str] = ALL_QUANTITIES,
+          mode: str = "train", dtype: Optional[torch.dtype] = None, channel_axis: int = 1,
+          backward: Optional[bool] = None, blocks: Any = None, progress: Optional[bool] = None,
+          **overrides: Any) -> Check:
+    """Measure ``model``, predict it, compare and diagnose: the toolkit's one pipeline.
+
+    Args:
+        model: an ``nn.Module``, a list of them (one per seed), or a builder
+            ``() -> nn.Module`` called under ``torch.manual_seed(seed)`` for each seed.
+        inputs: a tensor, a list of tensors, a callable ``seed -> tensor``, or a shape such
+            as ``(8, 3, 32, 32)`` for i.i.d. N(0, 1) batches (:func:`gaussian_inputs`).
+        seeds: initialisations (and input batches) to measure; the comparison's bands
+            account for the median over them.
+        theory: ``predict`` keyword arguments (``scheme``, its parameters, ``stages``, ...);
+            default the model's own ``theory`` (the networks of ``propagation.nets`` have
+            one). ``depth`` defaults to the merges measured, the input state to the measured
+            state of the first block's input (:func:`input_state`), and networks of
+            ``propagation.nets`` get the zero padding of their convolutions.
+        width: channels for the finite-width band (default: the narrowest merge measured).
+        quantities: the quantities compared (default all four); forward-only measurements
+            (``backward=False``) leave out "grad".
+        mode, dtype, channel_axis, blocks, progress: as :func:`propagation.measure`.
+        backward: measure gradients; default: whenever "grad" is among ``quantities``.
+        **overrides: ``predict`` keyword arguments that replace the theory's. A ``scheme``
+            other than the theory's keeps only its structure (depth, stages, project_first,
+            layers), not its parameters.
+
+    Returns: a :class:`Check` (``ok``, ``table()``, ``theory``, ``measured``, ...).
+    """
+    seeds = _checks.positive_int("seeds", seeds)
+    quantities = tuple(quantities)
+    for q in quantities:
+        _checks.choice("quantities entry", q, ALL_QUANTITIES)
+    if backward is None:
+        backward = "grad" in quantities
+    elif not backward:
+        quantities = tuple(q for q in quantities if q != "grad")
+    models = build_models(model, seeds)
+    batches: Any = inputs
+    shape: Optional[tuple] = None
+    if _is_shape(inputs):
+        shape = tuple(int(s) for s in inputs)  # type: ignore[union-attr]
+        batches = gaussian_inputs(shape, dtype)
+    else:
+        first = _first_input(inputs)
+        shape = None if first is None else tuple(first.shape)
+    measured = measure(models, batches, seeds=seeds, backward=backward, channel_axis=channel_axis,
+                       mode=mode, dtype=dtype, blocks=blocks, progress=progress)
+    kwargs = theory_kwargs(models[0], measured, theory, overrides, shape)
+    predicted = predict(**kwargs)
+    comparison = compare(predicted, measured, width=width, quantities=quantities)
+    diagnosis, note = None, ""
+    if measured.depth < 2:
+        note = f"no diagnosis: it needs at least 2 blocks, the model has {measured.depth}"
+    else:
+        diagnosis = diagnose(measured)
+    return Check(predicted, measured, comparison, diagnosis, _jsonable_kwargs(kwargs), note,
+                 tuple(models))
+
+
+def theory_kwargs(model: torch.nn.Module, measured: Profile,
+                  theory: Optional[Mapping[str, Any]] = None,
+                  overrides: Optional[Mapping[str, Any]] = None,
+                  input_shape: Optional[Sequence[int]] = None) -> dict:
+    """The ``predict`` keyword arguments for ``model`` as measured (see :func:`check`)."""
+    base = dict(theory if theory is not None else getattr(model, "theory", None) or {})
+    overrides = dict(overrides or {})
+    if "scheme" in overrides and overrides["scheme"] != base.get("scheme"):
+        base = {k: v for k, v in base.items() if k in STRUCTURE}
+    base.update(overrides)
+    if "scheme" not in base:
+        raise ValueError("the theory needs a scheme: the model has no .theory, so pass "
+                         "theory={'scheme': ...} (or scheme=...) to check")
+    base.setdefault("depth", measured.depth)
+    from . import nets
+    if (isinstance(model, nets.ResidualNetwork) and input_shape is not None
+            and "padding_factors" not in base):
+        base["padding_factors"] = nets.padding_factors(model, input_shape)
+    if "input_second_moment" not in base:
+        base.update(input_state(measured))
+    return base
+
+
+def _jsonable_kwargs(kwargs: Mapping[str, Any]) -> dict:
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+        elif isinstance(v, tuple):
+            v = list(v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            v = str(v)
+        out[k] = v
+    return out
