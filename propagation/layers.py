@@ -15,7 +15,7 @@ NumPy arrays over blocks (``numpy`` backend, for whole profiles at once); ``l`` 
 index (an int or an index array) for layers whose parameters differ from block to block.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,18 +61,18 @@ class Layer:
 
     resets = False
     #: True for weight layers (convolutions, dense layers): the ones zero padding shrinks.
-    weight = False
+    is_weight_layer = False
     #: True when the output's scale does not follow the input's (BatchNorm, LayerNorm): a
     #: finite network's random drift of the input scale stops here.
     normalises = False
 
-    def forward(self, lq, e, l, B):
+    def forward(self, lq, e, l, backend):
         raise NotImplementedError
 
-    def backward(self, lq, e, l, B):
+    def backward(self, lq, e, l, backend):
         raise NotImplementedError
 
-    def backward_lv(self, lq, lv, l, B):
+    def backward_lv(self, lq, lv, l, backend):
         """Optional: :meth:`backward` at the state given as log2 q and log2 v (v = e q, the
         channel variance), which predict's vectorised path has at hand; ``None`` (the
         default) makes it form e and call :meth:`backward`."""
@@ -96,52 +96,52 @@ class Layer:
 class ReLUWeight(Layer):
     """ReLU then a weight layer with weights N(0, gain2 / fan_in): He init is gain2 = 2."""
 
-    weight = True
+    is_weight_layer = True
 
     def __init__(self, gain2=2.0):
         self.gain2 = float(gain2)
         self._lg = _log2(self.gain2 / 2.0)
 
-    def forward(self, lq, e, l, B):
-        return lq + self._lg, B.omk(e)
+    def forward(self, lq, e, l, backend):
+        return lq + self._lg, backend.omk(e)
 
     def scalar_code(self):
         return ["{q} = {q} + g{k}", "{e} = omk({e})"], {"g{k}": self._lg}
 
-    def backward(self, lq, e, l, B):
-        return B.const(self._lg, lq)
+    def backward(self, lq, e, l, backend):
+        return backend.const(self._lg, lq)
 
 
 class ReLU(Layer):
     """A ReLU alone: E[relu(z)^2] = q/2 and the correlation goes through kappa."""
 
-    def forward(self, lq, e, l, B):
-        return lq - 1.0, B.omk(e)
+    def forward(self, lq, e, l, backend):
+        return lq - 1.0, backend.omk(e)
 
     def scalar_code(self):
         return ["{q} = {q} - 1.0", "{e} = omk({e})"], {}
 
-    def backward(self, lq, e, l, B):
-        return B.const(-1.0, lq)
+    def backward(self, lq, e, l, backend):
+        return backend.const(-1.0, lq)
 
 
 class Linear(Layer):
     """A weight layer N(0, gain2 / fan_in) with no ReLU before it: correlations unchanged."""
 
-    weight = True
+    is_weight_layer = True
 
     def __init__(self, gain2=1.0):
         self.gain2 = float(gain2)
         self._lg = _log2(self.gain2)
 
-    def forward(self, lq, e, l, B):
+    def forward(self, lq, e, l, backend):
         return lq + self._lg, e
 
     def scalar_code(self):
         return ["{q} = {q} + g{k}"], {"g{k}": self._lg}
 
-    def backward(self, lq, e, l, B):
-        return B.const(self._lg, lq)
+    def backward(self, lq, e, l, backend):
+        return backend.const(self._lg, lq)
 
 
 class ReLUScaledWS(Layer):
@@ -153,7 +153,7 @@ class ReLUScaledWS(Layer):
     q' = q gain2 (1 - 1/pi) / 2, which is q at the standard gain 2 / (1 - 1/pi).
     """
 
-    weight = True
+    is_weight_layer = True
 
     def __init__(self, gain2=kernels.WS_RELU_GAIN2):
         self.gain2 = float(gain2)
@@ -161,14 +161,14 @@ class ReLUScaledWS(Layer):
         self._lq = _log2(self.gain2 * self._c / 2.0)
         self._lb = _log2(self.gain2 / 2.0)
 
-    def forward(self, lq, e, l, B):
-        return lq + self._lq, B.omk(e) / self._c
+    def forward(self, lq, e, l, backend):
+        return lq + self._lq, backend.omk(e) / self._c
 
     def scalar_code(self):
         return ["{q} = {q} + g{k}", "{e} = omk({e}) / c{k}"], {"g{k}": self._lq, "c{k}": self._c}
 
-    def backward(self, lq, e, l, B):
-        return B.const(self._lb, lq)
+    def backward(self, lq, e, l, backend):
+        return backend.const(self._lb, lq)
 
 
 class BatchNorm(Layer):
@@ -177,16 +177,16 @@ class BatchNorm(Layer):
     resets = True
     normalises = True
 
-    def forward(self, lq, e, l, B):
-        return B.const(0.0, lq), B.const(1.0, e)
+    def forward(self, lq, e, l, backend):
+        return backend.const(0.0, lq), backend.const(1.0, e)
 
     def scalar_code(self):
         return ["{q} = 0.0", "{e} = 1.0"], {}
 
-    def backward(self, lq, e, l, B):
-        return -(lq + B.log2(e))
+    def backward(self, lq, e, l, backend):
+        return -(lq + backend.log2(e))
 
-    def backward_lv(self, lq, lv, l, B):
+    def backward_lv(self, lq, lv, l, backend):
         return -lv  # the variance it divides by
 
 
@@ -195,13 +195,13 @@ class LayerNorm(Layer):
 
     normalises = True
 
-    def forward(self, lq, e, l, B):
-        return B.const(0.0, lq), e
+    def forward(self, lq, e, l, backend):
+        return backend.const(0.0, lq), e
 
     def scalar_code(self):
         return ["{q} = 0.0"], {}
 
-    def backward(self, lq, e, l, B):
+    def backward(self, lq, e, l, backend):
         return -lq
 
 
@@ -215,14 +215,14 @@ class Gain(Layer):
         # branch as independent of the skip path and vectorise over blocks.
         self.resets = self.a == 0.0
 
-    def forward(self, lq, e, l, B):
+    def forward(self, lq, e, l, backend):
         return lq + self._lg, e
 
     def scalar_code(self):
         return ["{q} = {q} + g{k}"], {"g{k}": self._lg}
 
-    def backward(self, lq, e, l, B):
-        return B.const(self._lg, lq)
+    def backward(self, lq, e, l, backend):
+        return backend.const(self._lg, lq)
 
 
 class BlockGain(Layer):
@@ -234,14 +234,14 @@ class BlockGain(Layer):
             self._la2 = np.log2(np.asarray(a2, dtype=np.float64))
         self._la2_list = self._la2.tolist()
 
-    def forward(self, lq, e, l, B):
-        return lq + (self._la2_list[l] if B is MATH else self._la2[l]), e
+    def forward(self, lq, e, l, backend):
+        return lq + (self._la2_list[l] if backend is MATH else self._la2[l]), e
 
     def scalar_code(self):
         return ["{q} = {q} + a{k}[l]"], {"a{k}": self._la2_list}
 
-    def backward(self, lq, e, l, B):
-        return self._la2_list[l] if B is MATH else self._la2[l]
+    def backward(self, lq, e, l, backend):
+        return self._la2_list[l] if backend is MATH else self._la2[l]
 
     def __repr__(self):
         return f"BlockGain({self.name})"
@@ -250,7 +250,7 @@ class BlockGain(Layer):
 class Zero(Gain):
     """A zero-initialised weight layer (Fixup's last layer): the output is exactly 0."""
 
-    weight = True
+    is_weight_layer = True
 
     def __init__(self):
         super().__init__(0.0)
@@ -273,23 +273,22 @@ class Block:
     projection: tuple = (ReLUWeight(2.0),)
     skip_gain: float = 1.0
     post: tuple = ()
-    notes: dict = field(default_factory=dict)
 
     def chain_resets(self, layers):
         return any(layer.resets for layer in layers)
 
 
-def run(layers, lq, e, l, B):
+def run(layers, lq, e, l, backend):
     """Apply ``layers`` in order; return the output state."""
     for layer in layers:
-        lq, e = layer.forward(lq, e, l, B)
+        lq, e = layer.forward(lq, e, l, backend)
     return lq, e
 
 
-def backward_gain(layers, lq, e, l, B):
+def backward_gain(layers, lq, e, l, backend):
     """Sum of log2 backward gains of ``layers``, each evaluated at its own input state."""
     total = 0.0
     for layer in layers:
-        total = total + layer.backward(lq, e, l, B)
-        lq, e = layer.forward(lq, e, l, B)
+        total = total + layer.backward(lq, e, l, backend)
+        lq, e = layer.forward(lq, e, l, backend)
     return total

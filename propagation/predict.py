@@ -1,20 +1,23 @@
 """``predict``: the infinite-width theory of a residual network at initialisation."""
 import math
 import re
+from typing import Any, Optional, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _checks, kernels
 from dataclasses import replace
 
 from .layers import MATH, NUMPY, BlockGain, backward_gain, run
-from .profile import Profile, Stats
+from .profile import Normalised, Profile, Stats
 from .schemes import Plan, get_scheme
 
 _NAN = math.nan
 
 
-def make_plan(depth, stages=None, project_first=True, layers=2):
+def make_plan(depth: int, stages: Optional[Sequence[int]] = None, project_first: bool = True,
+              layers: int = 2) -> Plan:
     """Check ``depth``/``stages`` and mark the blocks that begin a stage with a projection."""
     depth = _checks.positive_int("depth", depth)
     layers = _checks.positive_int("layers", layers)
@@ -34,8 +37,10 @@ def make_plan(depth, stages=None, project_first=True, layers=2):
     return Plan(depth=depth, projection=projection, stages=stages, layers=layers)
 
 
-def predict(depth, scheme="batchnorm", *, stages=None, project_first=True, layers=2,
-            input_second_moment=1.0, input_squared_mean=0.0, padding_factors=None, **params):
+def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[int]] = None,
+            project_first: bool = True, layers: int = 2, input_second_moment: float = 1.0,
+            input_squared_mean: float = 0.0, padding_factors: Optional[ArrayLike] = None,
+            **params: Any) -> Profile:
     """Predict per-block signal propagation at initialisation in the infinite-width limit.
 
     Args:
@@ -82,23 +87,118 @@ def predict(depth, scheme="batchnorm", *, stages=None, project_first=True, layer
                    projection=plan.projection, source="theory", scheme=spec.name,
                    params={**clean, **({"stages": list(plan.stages)} if plan.stages else {}),
                            **({"layers": layers} if layers != 2 else {})},
-                   meta={"input_second_moment": q0, "input_squared_mean": m0,
-                         # share of the gradient at each block input that came through the
-                         # branch: compare uses it for the finite-width band of gradients
-                         # (an array: Profile.to_dict writes it as a list)
-                         "grad_branch_share": share,
-                         # whether a normalisation stops the drift of a finite network's scale
-                         # in the branch, before the projection, after the merge (compare)
-                         "normalised": {part: any(layer.normalises or layer.resets
-                                                  for layer in layers)
-                                        for part, layers in (("branch", block.pre + block.branch),
-                                                             ("pre", block.pre),
-                                                             ("post", block.post))}})
+                   grad_branch_share=np.asarray(share),
+                   normalised=Normalised(
+                       branch=any(layer.normalises or layer.resets
+                                  for layer in block.pre + block.branch),
+                       pre=any(layer.normalises or layer.resets for layer in block.pre),
+                       post=any(layer.normalises or layer.resets for layer in block.post)),
+                   meta={"input_second_moment": q0, "input_squared_mean": m0})
+
+
+def predict_reference(depth: int, scheme: str = "batchnorm", *,
+                      stages: Optional[Sequence[int]] = None, project_first: bool = True,
+                      layers: int = 2, input_second_moment: float = 1.0,
+                      input_squared_mean: float = 0.0,
+                      padding_factors: Optional[ArrayLike] = None, **params: Any) -> Profile:
+    """:func:`predict`, written the way THEORY.md reads: one block at a time, one layer at a
+    time, in Python floats. It is the specification the fast paths are tested against
+    (tests/test_predict.py), not a tool: it costs some 20 us per layer and block.
+
+    Block l maps the state x_l = (log2 q, 1 - rho) of its input to
+        p = pre(x_l),  b = branch(p),  s = projection(p) if projecting else skip_gain^2 x_l,
+        y = merge(s, b) (second moments and variances of independent operands add),
+        x_{l+1} = post(y);
+    backwards, the log2 squared-norm gain from y to x_l is
+        a_l = log2(skip_gain^2 + 2^(g_pre + g_branch)), or g_pre + log2(2^g_branch + 2^g_proj)
+    for a projection block, and G at x_l sums a_k and the gains of post over k >= l (the
+    read-out sits at y_{D-1}, whose post is not part of the network).
+    """
+    spec = get_scheme(scheme)
+    plan = make_plan(depth, stages, project_first, layers)
+    clean = spec.clean_params(params)
+    q0 = _checks.finite_float("input_second_moment", input_second_moment, low=0.0)
+    if q0 == 0.0:
+        raise ValueError("input_second_moment must be > 0, got 0.0")
+    m0 = _checks.finite_float("input_squared_mean", input_squared_mean, low=0.0, high=q0)
+    block = spec.build(plan, **clean)
+    if padding_factors is not None:
+        block = _with_padding(block, plan, padding_factors)
+    log2 = MATH.log2
+    skip_gain2 = log2(block.skip_gain ** 2)
+    lq, e = math.log2(q0), (q0 - m0) / q0
+    skip_states, branch_states, gain_y_to_x, gain_post, share = [], [], [], [], []
+    merged = (lq, e)
+    for l in range(plan.depth):
+        p = run(block.pre, lq, e, l, MATH)
+        g_pre = backward_gain(block.pre, lq, e, l, MATH)
+        b = run(block.branch, *p, l, MATH)
+        g_branch = backward_gain(block.branch, *p, l, MATH)
+        if plan.projection[l]:
+            s = run(block.projection, *p, l, MATH)
+            a = g_pre + _logaddexp2(g_branch, backward_gain(block.projection, *p, l, MATH))
+        else:
+            s = (lq + skip_gain2, e)
+            a = _logaddexp2(skip_gain2, g_pre + g_branch)
+        merged = _merge_floats(s, b)
+        skip_states.append(s)
+        branch_states.append(b)
+        gain_y_to_x.append(a)
+        share.append(min(_exp2_or_zero(g_pre + g_branch - a), 1.0))
+        gain_post.append(backward_gain(block.post, *merged, l, MATH))
+        lq, e = run(block.post, *merged, l, MATH)
+    skip_states.append(merged)  # the last merge's sum, before its post
+    # G at x_l, from the read-out at y_{D-1} backwards.
+    grad = [0.0] * (plan.depth + 1)
+    g_x = 0.0
+    for l in reversed(range(plan.depth)):
+        g_y = g_x + (gain_post[l] if l < plan.depth - 1 else 0.0)
+        g_x = g_y + gain_y_to_x[l]
+        identity = not plan.projection[l] and block.skip_gain == 1.0
+        grad[l] = g_x if identity else g_y  # a new tensor has the merge output's gradient
+    nan = [math.nan] * (plan.depth + 1)
+    return Profile(skip=_stats_floats(skip_states), branch=_stats_floats(branch_states),
+                   grad=Stats(np.array(grad), np.array(nan), np.array(nan)), depth=plan.depth,
+                   projection=plan.projection, source="theory", scheme=spec.name,
+                   params={**clean, **({"stages": list(plan.stages)} if plan.stages else {}),
+                           **({"layers": layers} if layers != 2 else {})},
+                   grad_branch_share=np.array(share),
+                   meta={"input_second_moment": q0, "input_squared_mean": m0})
+
+
+def _logaddexp2(a, b):
+    """log2(2^a + 2^b) in floats, for a and b finite or -inf."""
+    hi, lo = max(a, b), min(a, b)
+    if hi == -math.inf or hi == math.inf:
+        return hi
+    return hi + math.log2(1.0 + 2.0 ** (lo - hi))
+
+
+def _exp2_or_zero(t):
+    return 0.0 if math.isnan(t) else 2.0 ** t if t < 1024.0 else math.inf
+
+
+def _merge_floats(s, b):
+    """State of s + b for independent operands, each (log2 q, 1 - rho): q and q (1 - rho)
+    add."""
+    (lq_s, e_s), (lq_b, e_b) = s, b
+    if lq_b > lq_s:
+        (lq_s, e_s), (lq_b, e_b) = (lq_b, e_b), (lq_s, e_s)
+    if lq_s == -math.inf:
+        return lq_s, e_s
+    w = 2.0 ** (lq_b - lq_s)
+    return lq_s + math.log2(1.0 + w), (e_s + w * e_b) / (1.0 + w)
+
+
+def _stats_floats(states):
+    lq = np.array([s[0] for s in states], dtype=np.float64)
+    e = np.array([s[1] for s in states], dtype=np.float64)
+    return _stats(lq, e)
 
 
 def _with_padding(block, plan, factors):
     """Follow the j-th weight layer of every branch with a per-block gain factors[:, j]."""
-    weights = [i for i, layer in enumerate(block.branch) if layer.weight]
+    weights = [i for i, layer in enumerate(block.branch) if layer.is_weight_layer]
     try:
         f = np.broadcast_to(np.asarray(factors, dtype=np.float64), (plan.depth, len(weights)))
     except ValueError:
@@ -239,27 +339,28 @@ def _profile_reset(block, plan, q0, m0):
     zero, one = np.float64(0.0), np.float64(1.0)
     lq_b, e_b = run(block.pre + block.branch, zero, one, idx, NUMPY)
     q_b, v_b, m_b = _linear(lq_b, e_b)
-    p = (None,) * 3
+    proj_linear = (None,) * 3
     if any_proj:
         lq_p, e_p = run(block.pre + block.projection, zero, one, idx, NUMPY)
-        p = _linear(lq_p, e_p)
+        proj_linear = _linear(lq_p, e_p)
     closed = not any_proj and np.ndim(q_b) == 0
     e0 = (q0 - m0) / q0
     if closed and q_b == 0.0:
         # The branch adds exactly nothing (Fixup, SkipInit at alpha = 0): every x_l is x_0.
-        L = None
+        block_index = None
         with np.errstate(divide="ignore"):
-            LQ, LV, LM = np.log2(np.float64(q0)), np.log2(np.float64(q0 * e0)), np.log2(np.float64(m0))
-        lq_x, lv_x = LQ, LV
+            skip_lq, skip_lv, skip_lm = (np.log2(np.float64(q0)), np.log2(np.float64(q0 * e0)),
+                                         np.log2(np.float64(m0)))
+        lq_x, lv_x = skip_lq, skip_lv
     else:
-        L = np.arange(D + 1, dtype=np.float64) if closed else None
+        block_index = np.arange(D + 1, dtype=np.float64) if closed else None
         # x_0 .. x_D (x_D: the last merge's sum): second moment, variance, squared mean,
         # each then turned into its log2 in place.
-        LQ = _running_sum(q0, q_b, proj, p[0], L)
-        LV = _running_sum(q0 * e0, v_b, proj, p[1], L)
-        LM = _running_sum(m0, m_b, proj, p[2], L)
-        LQ, LV, LM = _log2_inplace(LQ), _log2_inplace(LV), _log2_inplace(LM)
-        lq_x, lv_x = (x[:-1] if np.ndim(x) else x for x in (LQ, LV))
+        skip_lq = _running_sum(q0, q_b, proj, proj_linear[0], block_index)
+        skip_lv = _running_sum(q0 * e0, v_b, proj, proj_linear[1], block_index)
+        skip_lm = _running_sum(m0, m_b, proj, proj_linear[2], block_index)
+        skip_lq, skip_lv, skip_lm = _log2_inplace(skip_lq), _log2_inplace(skip_lv), _log2_inplace(skip_lm)
+        lq_x, lv_x = (x[:-1] if np.ndim(x) else x for x in (skip_lq, skip_lv))
 
     def e_of():  # 1 - rho of x_0 .. x_{D-1}, for a layer that reads it
         if closed and (q_b == 0.0 or e_b == e0):  # the increments keep it constant
@@ -268,7 +369,7 @@ def _profile_reset(block, plan, q0, m0):
             e = np.exp2(lv_x - lq_x)
         return np.where(np.isneginf(lq_x), 1.0, e)
 
-    # Backward, as in _profile: a[l], the log2 gain from the merge output y_l to x_l.
+    # Backward, as in _profile: gain_y_to_x[l], the log2 gain from the merge output y_l to x_l.
     g_pre, state = _gain_at_inputs(block.pre, lq_x, lv_x, e_of, idx)
     if state is None:
         g_branch = _gain_at_inputs(block.branch, lq_x, lv_x, e_of, idx)[0]
@@ -276,43 +377,46 @@ def _profile_reset(block, plan, q0, m0):
     else:
         g_branch = backward_gain(block.branch, *state, idx, NUMPY)
         g_proj = backward_gain(block.projection, *state, idx, NUMPY) if any_proj else 0.0
-    # The identity shortcut: a = log2(1 + branch gain); L is free now and takes the share.
-    if L is not None and np.ndim(g_pre) + np.ndim(g_branch) > 0:
-        t = np.add(g_pre, g_branch, out=L[:D])
-        a, share = _log2_1p_exp2(t, out=t)
+    # The identity shortcut: log2(1 + branch gain); block_index's memory is free now and
+    # takes the share.
+    if block_index is not None and np.ndim(g_pre) + np.ndim(g_branch) > 0:
+        total_gain = np.add(g_pre, g_branch, out=block_index[:D])
+        gain_y_to_x, share = _log2_1p_exp2(total_gain, out=total_gain)
     else:
-        a, share = _log2_1p_exp2(g_pre + g_branch)
+        gain_y_to_x, share = _log2_1p_exp2(g_pre + g_branch)
     if any_proj:
         a_proj = g_pre + np.logaddexp2(g_branch, g_proj)
         with np.errstate(over="ignore", invalid="ignore"):
             share_proj = np.exp2(g_pre + g_branch - a_proj)
-        a = np.where(proj, a_proj, a)
+        gain_y_to_x = np.where(proj, a_proj, gain_y_to_x)
         share = np.where(proj, np.minimum(np.nan_to_num(share_proj, nan=0.0), 1.0), share)
-    # log2 G at x_l = sum_{k >= l} a[k] (no post layers here); a projection block's skip
-    # operand is a new tensor whose gradient is the merge output's, G at x_l minus a[l].
-    if np.ndim(a) == 0:
-        if a == 0.0:
-            G = np.broadcast_to(0.0, (D + 1,))
+    # log2_grad at x_l = sum_{k >= l} gain_y_to_x[k] (no post layers here); a projection block's skip
+    # operand is a new tensor whose gradient is the merge output's: log2_grad at x_l minus gain_y_to_x[l].
+    if np.ndim(gain_y_to_x) == 0:
+        if gain_y_to_x == 0.0:
+            log2_grad = np.broadcast_to(0.0, (D + 1,))
         else:
-            G = np.arange(D, -1, -1, dtype=np.float64)
-            G *= a
+            log2_grad = np.arange(D, -1, -1, dtype=np.float64)
+            log2_grad *= gain_y_to_x
     else:
-        G = np.empty(D + 1)
-        np.cumsum(a[::-1], out=G[-2::-1])
-        G[D] = 0.0
+        log2_grad = np.empty(D + 1)
+        np.cumsum(gain_y_to_x[::-1], out=log2_grad[-2::-1])
+        log2_grad[D] = 0.0
     if any_proj:
         with np.errstate(invalid="ignore"):  # inf - inf where a norm meets no variance
-            G[:-1][proj] -= np.broadcast_to(a, (D,))[proj]
+            log2_grad[:-1][proj] -= np.broadcast_to(gain_y_to_x, (D,))[proj]
         skip_p = _stats(lq_p, e_p)
-        for full, part in zip((LQ, LM, LV), (skip_p.log2_second_moment, skip_p.log2_squared_mean,
-                                               skip_p.log2_variance)):
+        for full, part in zip((skip_lq, skip_lm, skip_lv),
+                              (skip_p.log2_second_moment, skip_p.log2_squared_mean,
+                               skip_p.log2_variance)):
             full[:-1][proj] = np.broadcast_to(part, (D,))[proj]
     nan = np.broadcast_to(np.nan, (D + 1,))
     branch = _stats(lq_b, e_b)
     branch = Stats(*(np.broadcast_to(x, (D,)) for x in (
         branch.log2_second_moment, branch.log2_squared_mean, branch.log2_variance)))
-    skip = Stats(*(np.broadcast_to(x, (D + 1,)) if np.ndim(x) == 0 else x for x in (LQ, LM, LV)))
-    return skip, branch, Stats(G, nan, nan), np.broadcast_to(share, (D,))
+    skip = Stats(*(np.broadcast_to(x, (D + 1,)) if np.ndim(x) == 0 else x
+                   for x in (skip_lq, skip_lm, skip_lv)))
+    return skip, branch, Stats(log2_grad, nan, nan), np.broadcast_to(share, (D,))
 
 
 def _block_inputs_scan(block, plan, lq0, e0):
@@ -321,8 +425,8 @@ def _block_inputs_scan(block, plan, lq0, e0):
     This loop is the only sequential part of ``predict``. It is compiled once per block
     structure from the layers' own scalar code (``Layer.scalar_code``): floats only, the
     ReLU kernel inlined, constants as local variables, no call per layer and no test for a
-    projection where the plan has none. About 0.65 us per block of two ReLU layers on a
-    2026 server core, most of it the two kernel evaluations and the merge's pow and log2.
+    projection where the plan has none (``make bench`` times it). :func:`predict_reference`
+    is the same recursion written plainly, and the tests hold this one to it.
     """
     any_proj = bool(plan.projection.any())
     scan = _compile_scan(block, any_proj)
