@@ -1,25 +1,36 @@
 # The two commands a newcomer runs: `make test` and `make figures`. Both create the
-# virtual environment on first use and install the package with its pinned dependencies.
+# virtual environment on first use and install the package with the exact versions of
+# constraints.txt (setup.cfg itself states compatible ranges).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast derivations figures figures-quick bench clean
+.PHONY: setup test test-fast test-all lint typecheck derivations figures figures-quick bench clean
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,train]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test,train]'
 	touch $@
 
-test: $(STAMP)
+# The whole suite, lint and the type check: what CI runs.
+test: lint typecheck test-all
+
+test-all: $(STAMP)
 	$(PY) -m pytest
 
+# Every module, in seconds: no gate, nothing marked slow.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not gate"
+	$(PY) -m pytest -q -m "not gate and not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check propagation figures tests bench derivations
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 derivations: $(STAMP)
 	$(PY) -m derivations
@@ -62,8 +73,8 @@ $(eval $(call training_rules,T2,figures/t2_regularised.py,F5.json))
 
 figures: $(FIGURES:%=$(FIG_OUT)/%.png) $(FIG_OUT)/agreement.md $(TRAINING:%=$(FIG_OUT)/%.json)
 
-# The gate's agreement table (scheme x depth x quantity), from the gate's own configuration.
-$(FIG_OUT)/agreement.md: figures/agreement.py tests/test_gate.py $(PKG_SOURCES) | $(STAMP)
+# The gate's agreement table (scheme x depth x quantity), from the gate's cases (propagation/gate.py).
+$(FIG_OUT)/agreement.md: figures/agreement.py $(PKG_SOURCES) | $(STAMP)
 	$(PY) figures/agreement.py --out $(FIG_OUT)
 
 figures-quick: $(FIGURES:%=$(FIG_OUT)/quick/%.png) $(TRAINING:%=$(FIG_OUT)/quick/%.json)

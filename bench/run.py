@@ -261,8 +261,8 @@ def main():
     import torch
     torch.set_num_threads(1)  # one thread: stable timings on a shared two-core machine
     start = time.perf_counter()
-    print(f"ResNet-V2 basic blocks, batchnorm, train mode, 1 torch thread; sizes as printed "
-          f"(width, batch, image size; see the module docstring for why)")
+    print("ResNet-V2 basic blocks, batchnorm, train mode, 1 torch thread; sizes as printed "
+          "(width, batch, image size; see the module docstring for why)")
     time_tables(args.quick)
     memory_tables(args.quick)
     predict_table(args.quick)

@@ -17,3 +17,11 @@ def scheme_cases():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests on the outputs of whole figure or training scripts (the module fixtures
+    # ``quick_out`` run every script once) take tens of seconds: `make test-fast` skips them.
+    for item in items:
+        if "quick_out" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
