@@ -505,6 +505,8 @@ class _MergeFinder(TorchFunctionMode):
                 # Operand statistics before the call: an in-place add overwrites one of them.
                 pre = (self.recorder.stats(skip), self.recorder.stats(branch))
                 name, x = self.owner(ancestor)
+                if not projection:  # an identity shortcut: the block input is the skip operand
+                    x = skip
                 block = (name, None if x is None else self.recorder.input_stats(x))
         out = func(*args, **kwargs)
         if isinstance(out, Tensor):

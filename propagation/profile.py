@@ -109,10 +109,11 @@ class Profile:
         normalised: where the block normalises (:class:`Normalised`).
 
     Measurement only (None on theory):
-        block_input: Stats (depth,) of each block's input: the input of the module that owns
-            the merge (for an identity shortcut, the skip operand itself; for a projection
-            block, the tensor the projection and the branch both start from, before any
-            shared normalisation). ``input_state`` starts the theory from ``block_input[0]``.
+        block_input: Stats (depth,) of each block's input: for an identity shortcut the skip
+            operand itself; for a projection shortcut the input of the module that owns the
+            merge (the innermost running module whose input both operands descend from),
+            before any normalisation the projection and the branch share.
+            ``input_state`` starts the theory from ``block_input[0]``.
         block_input_samples_per_channel: (depth,), values per channel behind ``block_input``.
         names: (depth,), the qualified name of the module that owns each merge ("" for the
             model itself).
