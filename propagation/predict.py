@@ -130,13 +130,14 @@ def predict_reference(depth: int, scheme: str = "batchnorm", *,
     skip_states, branch_states, gain_y_to_x, gain_post, share = [], [], [], [], []
     merged = (lq, e)
     for l in range(plan.depth):
-        p = run(block.pre, lq, e, l, MATH)
+        lq_p, e_p = run(block.pre, lq, e, l, MATH)
         g_pre = backward_gain(block.pre, lq, e, l, MATH)
-        b = run(block.branch, *p, l, MATH)
-        g_branch = backward_gain(block.branch, *p, l, MATH)
+        b = run(block.branch, lq_p, e_p, l, MATH)
+        g_branch = backward_gain(block.branch, lq_p, e_p, l, MATH)
         if plan.projection[l]:
-            s = run(block.projection, *p, l, MATH)
-            a = g_pre + _logaddexp2(g_branch, backward_gain(block.projection, *p, l, MATH))
+            s = run(block.projection, lq_p, e_p, l, MATH)
+            a = g_pre + _logaddexp2(g_branch,
+                                    backward_gain(block.projection, lq_p, e_p, l, MATH))
         else:
             s = (lq + skip_gain2, e)
             a = _logaddexp2(skip_gain2, g_pre + g_branch)
@@ -145,8 +146,8 @@ def predict_reference(depth: int, scheme: str = "batchnorm", *,
         branch_states.append(b)
         gain_y_to_x.append(a)
         share.append(min(_exp2_or_zero(g_pre + g_branch - a), 1.0))
-        gain_post.append(backward_gain(block.post, *merged, l, MATH))
-        lq, e = run(block.post, *merged, l, MATH)
+        gain_post.append(backward_gain(block.post, merged[0], merged[1], l, MATH))
+        lq, e = run(block.post, merged[0], merged[1], l, MATH)
     skip_states.append(merged)  # the last merge's sum, before its post
     # G at x_l, from the read-out at y_{D-1} backwards.
     grad = [0.0] * (plan.depth + 1)
