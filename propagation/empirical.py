@@ -435,8 +435,13 @@ class _MergeFinder(TorchFunctionMode):
         # a weak entry.
         self.owned = {} if model is None else dict.fromkeys(
             (id(t) for t in (*model.parameters(), *model.buffers())), -1)
+        self.parameters = set() if model is None else {id(p) for p in model.parameters()}
         self.offsets = array.array("i", [0])
         self.edges = array.array("i")
+        # Per node, 1 when it depends on a parameter (the model's, or any nn.Parameter it
+        # uses); buffers do not count: a rotary table or a BatchNorm statistic is no
+        # learned layer.
+        self.param_dep = bytearray()
         # The modules whose forward is running, outermost first: (name, node of the first
         # tensor input or -1, weak reference to that tensor or None).
         self.stack = []
@@ -482,6 +487,7 @@ class _MergeFinder(TorchFunctionMode):
         if node is None or node < 0:  # made outside the pass (the input, a parameter): a root
             node = len(self.offsets) - 1
             self.offsets.append(len(self.edges))
+            self.param_dep.append(isinstance(t, torch.nn.Parameter) or id(t) in self.parameters)
             self._assign(t, node)
         return node
 
@@ -516,16 +522,23 @@ class _MergeFinder(TorchFunctionMode):
         else:  # an int, a shape, a dtype: nothing that a later merge can descend from
             outs = ()
         if outs:
-            edges, node = self.edges, self._node
+            node = self._node
+            # The inputs' nodes first: a tensor seen for the first time (a parameter, a
+            # constant made in the forward pass) becomes a root, which must not take edges
+            # of this call.
+            parents = []
             for a in (args if not kwargs else (*args, *kwargs.values())):
                 if isinstance(a, Tensor):
-                    edges.append(node(a))
+                    parents.append(node(a))
                 elif isinstance(a, (list, tuple)):
                     for b in a:
                         if isinstance(b, Tensor):
-                            edges.append(node(b))
+                            parents.append(node(b))
+            self.edges.extend(parents)
             new = len(self.offsets) - 1
-            self.offsets.append(len(edges))
+            self.offsets.append(len(self.edges))
+            dep = self.param_dep
+            dep.append(any(dep[p] for p in parents))
             for o in outs:
                 self._assign(o, new)
         if merge is not None:
@@ -545,8 +558,40 @@ class _MergeFinder(TorchFunctionMode):
         # The skip path is the operand closer to the common ancestor (the ancestor itself for
         # an identity shortcut); on a tie the first operand is taken as the skip path.
         if db < da:
-            return b, a, db > 0, ancestor
+            a, b, na, nb, da, db = b, a, nb, na, db, da
+        # A residual branch holds a learned layer; a sum of two parameter-free functions of
+        # one tensor (x + 0.044715 x^3 in GELU, q cos + rotate(q) sin in rotary embeddings)
+        # is not a residual merge.
+        if not self._learned_path(nb, ancestor):
+            return None
         return a, b, da > 0, ancestor
+
+    def _learned_path(self, node, ancestor, limit=100_000):
+        """Whether a call on a path from ``ancestor`` to ``node`` took a parameter-dependent
+        input that does not itself descend from ``ancestor`` (a weight, a gain)."""
+        if node == ancestor:
+            return False
+        # descends[n]: n descends from ancestor (or is it); only nodes newer than it can.
+        descends = {ancestor: True}
+        todo = [node]
+        while todo and len(descends) < limit:
+            n = todo[-1]
+            if n in descends:
+                todo.pop()
+                continue
+            pending = [p for p in self.parents(n) if p >= ancestor and p not in descends]
+            if pending:
+                todo.extend(pending)
+                continue
+            todo.pop()
+            descends[n] = any(descends.get(p, False) for p in self.parents(n))
+        dep = self.param_dep
+        for n, down in descends.items():
+            if down and n != ancestor:
+                for p in self.parents(n):
+                    if dep[p] and not descends.get(p, False):
+                        return True
+        return False
 
     def _latest_common_ancestor(self, na, nb, limit=100_000):
         """Distances from na and nb to their latest common ancestor (by creation), and that
