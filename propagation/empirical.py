@@ -26,7 +26,7 @@ import numbers
 import warnings
 import weakref
 from dataclasses import replace
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from .profile import Profile, Stats, quantile_over, quantile_stats
 
 _ADDS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
                    torch.Tensor.__iadd__, torch.Tensor.__radd__})
-_MODES = ("train", "eval", "keep")
+_MODES = ("init", "train", "eval", "keep")
 
 
 class NonFiniteWarning(RuntimeWarning):
@@ -52,25 +52,32 @@ class NoMergesError(ValueError):
 def measure(model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
             inputs: Union[Tensor, Sequence[Tensor], Callable[[int], Tensor]], *, seeds: int = 1,
             loss: Optional[Callable[[Any], Tensor]] = None, backward: bool = True,
-            channel_axis: int = 1, mode: str = "train", dtype: Optional[torch.dtype] = None,
+            channel_axis: int = 1, mode: str = "init", dtype: Optional[torch.dtype] = None,
             blocks: Any = None, progress: Optional[bool] = None) -> Profile:
     """Measure per-block signal propagation in a PyTorch network at its current weights.
 
     Args:
         model: an ``nn.Module``, or a list of modules (e.g. one initialisation per seed).
-        inputs: a tensor (batch first), a list of tensors (one batch per sample), or a
-            callable ``seed -> tensor``.
+        inputs: a tensor (batch first), a dict of keyword inputs (``model(**inputs)``, e.g.
+            ``input_ids`` and ``attention_mask``; the first tensor is the batch), a list of
+            either (one batch per sample), or a callable ``seed -> batch``.
         seeds: number of samples. Sample i uses model i, input batch i (cycling through the
             lists) and read-out seed i. The profile holds the median over samples, and
             ``samples`` one profile each (see ``Profile.quantile``).
         loss: ``loss(output) -> scalar`` for the backward pass; default ``sum(g * output)``
-            with g ~ N(0, 1) drawn from a generator seeded with the sample index.
+            with g ~ N(0, 1) drawn from a generator seeded with the sample index. Where that
+            read-out gives no gradient at the merges (a zero-initialised head), the default
+            reads out at the last merge's sum instead, warns, and says so in ``readout``.
         backward: also measure gradients at the skip-path tensors (forward-only runs under
             ``torch.no_grad`` and keeps no activations).
         channel_axis: the axis of channels (1 for (N, C, ...) tensors, -1 for sequences).
-        mode: "train" (default: BatchNorm uses batch statistics, as at the first training
-            step), "eval" (running statistics: at initialisation BatchNorm is then the
-            identity and the network is measured as unnormalised), or "keep".
+        mode: "init" (default): the network as at its first training step without
+            noise: normalisation layers (BatchNorm, InstanceNorm) use batch statistics and
+            every other module is in eval mode, so Dropout, attention dropout and stochastic
+            depth (DropPath, StochasticDepth) are off. "train": everything in train mode,
+            stochastic layers on. "eval": running statistics (at initialisation BatchNorm is
+            then the identity and the network is measured as unnormalised). "keep": the
+            modules' own flags.
         dtype: e.g. ``torch.float64`` to measure a float64 copy of the model (the model
             itself is not converted); use it when float32 overflows.
         blocks: module classes or name patterns (fnmatch) whose input and output are the skip
@@ -133,34 +140,63 @@ def _measure_one(model, x, seed, loss, backward, channel_axis, mode, dtype, matc
     param = next(iter(model.parameters()), None)
     if dtype is not None and param is not None and param.dtype != dtype:
         work = copy.deepcopy(model).to(dtype)  # the caller's model is never converted
-    x = _check_input(x, work, channel_axis)
-    recorder = _Recorder(channel_axis)
+    x, kwargs = _check_input(x, work, channel_axis)
     with _untouched(model) as modules, (_untouched(work) if work is not model
                                         else contextlib.nullcontext(modules)) as modules:
-        if mode != "keep":
-            want = mode == "train"
-            if any(m.training != want for m in modules):  # train() walks every module
-                work.train(want)
+        _set_mode(modules, mode)  # the modules of work (the dtype copy, or the model)
         grad_ctx = torch.enable_grad() if backward else torch.no_grad()
         if backward and x.is_floating_point():
             x = x.detach().requires_grad_(True)
-        with grad_ctx:
-            try:
-                with _search(work, recorder, matcher):
-                    out = work(x)
-            except Exception as err:
-                err.add_note(f"(raised by the model's forward pass inside propagation.measure, "
-                             f"on inputs of shape {tuple(x.shape)} and dtype {x.dtype}; the model "
-                             f"was restored)")
-                raise
-            if not recorder.merges:
-                raise NoMergesError(_NO_MERGES if matcher is None else
-                                    "none of the modules named by blocks= ran in the forward pass; "
-                                    "check the classes or name patterns")
-            if backward:
-                _backward(out, x, recorder, seed, loss)
-    return recorder.profile(mode=mode, dtype=str(dtype or x.dtype), input_shape=tuple(x.shape),
-                            backward=backward, seed=seed)
+        readouts = ["loss"] if loss is not None else ["output", "last merge"] if backward else [None]
+        for readout in readouts:
+            recorder = _Recorder(channel_axis)
+            with grad_ctx:
+                try:
+                    with _search(work, recorder, matcher):
+                        out = _call(work, x, kwargs)
+                except Exception as err:
+                    err.add_note(f"(raised by the model's forward pass inside propagation.measure, "
+                                 f"on inputs of shape {tuple(x.shape)} and dtype {x.dtype}; the "
+                                 f"model was restored)")
+                    raise
+                if not recorder.merges:
+                    raise NoMergesError(_NO_MERGES if matcher is None else
+                                        "none of the modules named by blocks= ran in the forward "
+                                        "pass; check the classes or name patterns")
+                if backward:
+                    _backward(out, x, recorder, seed, loss, readout)
+                    if readout == "output" and not recorder.has_gradient():
+                        warnings.warn("the output's gradient is zero at every residual merge (a "
+                                      "zero-initialised head?); gradients are read out at the last "
+                                      "merge's sum instead (Profile.readout says so)",
+                                      ZeroGradientWarning, stacklevel=4)
+                        continue
+                break
+    return recorder.profile(mode=mode, readout=readout, dtype=str(dtype or x.dtype),
+                            input_shape=tuple(x.shape), backward=backward, seed=seed)
+
+
+class ZeroGradientWarning(RuntimeWarning):
+    """The default read-out gave no gradient at the merges; measure read out elsewhere."""
+
+
+def _set_mode(modules, mode):
+    """Training flags for ``mode`` (see measure); _untouched restores the caller's."""
+    if mode == "keep":
+        return
+    norm = torch.nn.modules.batchnorm._NormBase  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    for m in modules:
+        want = mode == "train" or (mode == "init" and isinstance(m, norm))
+        if m.training != want:
+            m.training = want
+
+
+def _call(model, x, kwargs):
+    """``model(x)``, or for keyword inputs ``model(**rest, key=x)`` (kwargs = (key, rest))."""
+    if kwargs is None:
+        return model(x)
+    key, rest = kwargs
+    return model(**rest, **{key: x})
 
 
 _NO_MERGES = ("no residual merges found: looked for additions (+, +=, torch.add, Tensor.add_) of "
@@ -170,9 +206,9 @@ _NO_MERGES = ("no residual merges found: looked for additions (+, +=, torch.add,
               "measure(model, x, blocks=[MyBlock]) or blocks=['encoder.layers.*']")
 
 
-def _backward(out, x, recorder, seed, loss):
+def _backward(out, x, recorder, seed, loss, readout="output"):
     if loss is None:
-        out_t = _first_tensor(out)
+        out_t = recorder.last_sum if readout == "last merge" else _first_tensor(out)
         if out_t is None or not out_t.is_floating_point():
             raise TypeError(f"the model returned {type(out).__name__}, not a floating tensor; pass "
                             f"loss=callable(output) -> scalar to measure gradients")
@@ -308,6 +344,7 @@ class _Recorder:
         self._recent = []     # [(weak ref, version, statistics)], newest last
         self._handles = []
         self._last_sum = None
+        self.last_sum = None
 
     def stats(self, t):
         """Channel statistics of ``t``, reused when the same unmodified tensor comes again
@@ -328,8 +365,14 @@ class _Recorder:
 
     def record(self, skip, skip_stats, branch_stats, total, projection, name="",
                input_stats=None):
+        """Record one merge; ``total`` is the sum tensor or, already measured, a tuple
+        (statistics, the tensor)."""
         k = self.merges
-        self._append(skip_stats, branch_stats, self.stats(total), projection, skip.numel(),
+        if isinstance(total, tuple):
+            total_stats, total = total
+        else:
+            total_stats = self.stats(total)
+        self._append(skip_stats, branch_stats, total_stats, projection, skip.numel(),
                      total.numel(), _channels(total, self.channel_axis), name,
                      [math.nan] * 4 if input_stats is None else input_stats)
         self._hook(skip, k)
@@ -373,14 +416,21 @@ class _Recorder:
             def hook(grad):
                 self.grads[-1] = _channel_stats(grad, self.channel_axis).tolist()
             self._handles.append(t.register_hook(hook))
+            self.last_sum = t  # the read-out of last resort, until release()
         self._last_sum = None
+
+    def has_gradient(self):
+        """Whether the backward pass reached the last merge with a non-zero gradient."""
+        g = self.grads.get(-1)
+        return g is not None and g[0] > 0.0
 
     def release(self):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.last_sum = None
 
-    def profile(self, mode, **meta):
+    def profile(self, mode, readout=None, **meta):
         D = self.merges
         stats = np.frombuffer(self._stats, dtype=np.float64).reshape(D, 3, 3).copy()
         inputs = np.frombuffer(self._inputs, dtype=np.float64).reshape(D, 4).copy()
@@ -395,8 +445,13 @@ class _Recorder:
         if -1 in self.grads:
             grad[D] = self.grads[-1]
             # squared norm relative to the last merge's sum: per entry x entries / entries there
-            grad = grad * (numel / numel[-1])[:, None] / grad[D, 0]
-        finite = np.isfinite(skip).all(axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):  # no gradient: NaN
+                grad = grad * (numel / numel[-1])[:, None] / grad[D, 0]
+        # A skip operand that blocks= could not see is NaN on purpose, not an overflow: the
+        # merge sums tell (the sum of merge l is skip position l + 1).
+        missing = np.append(np.isnan(stats[:, 0]).all(axis=1), False)
+        finite = np.isfinite(skip).all(axis=1) | missing
+        finite[1:] &= np.isfinite(stats[:, 2]).all(axis=1)
         first_bad = None if finite.all() else int(np.argmin(finite))
         if first_bad is not None:
             warnings.warn(f"activations are not finite from skip-path position {first_bad} on "
@@ -414,7 +469,7 @@ class _Recorder:
                        block_input_samples_per_channel=inputs[:, 3], names=tuple(self.names),
                        channels=int(channels.min()), samples_per_channel=per_channel,
                        merge_log2_second_moment=merge_log2, first_nonfinite_block=first_bad,
-                       mode=mode, meta=meta)
+                       mode=mode, readout=readout, meta=meta)
 
 
 # --- finding merges ----------------------------------------------------------------------------
@@ -445,6 +500,17 @@ class _MergeFinder(TorchFunctionMode):
         # The modules whose forward is running, outermost first: (name, node of the first
         # tensor input or -1, weak reference to that tensor or None).
         self.stack = []
+        # Where a found merge goes: the recorder, or (blocks=) the innermost selected
+        # block's list in ``held``, to be chosen from when the block exits.
+        self.sink = recorder.record
+        self.held = []
+
+    def hold(self, skip, skip_stats, branch_stats, total, projection, name, input_stats):
+        if self.held:  # merges outside every selected block are not measured
+            # The sum's statistics now: the block may modify it in place (out += x; relu_).
+            self.held[-1].append((skip, skip_stats, branch_stats,
+                                  (self.recorder.stats(total), total), projection, name,
+                                  input_stats))
 
     def enter(self, name, args, kwargs):
         x = _first_tensor_arg(args, kwargs)
@@ -542,7 +608,7 @@ class _MergeFinder(TorchFunctionMode):
             for o in outs:
                 self._assign(o, new)
         if merge is not None:
-            self.recorder.record(skip, pre[0], pre[1], out, projection, *block)
+            self.sink(skip, pre[0], pre[1], out, projection, *block)
         return out
 
     def _merge_operands(self, a, b):
@@ -626,25 +692,36 @@ class _MergeFinder(TorchFunctionMode):
 
 @contextlib.contextmanager
 def _search(model, recorder, matcher):
+    """The merge search for one forward pass: the call graph under a TorchFunctionMode and
+    every module's entry and exit (to name the block that owns each merge and read its
+    input; always_call: the exit runs also when the forward raises).
+
+    With ``blocks=`` (a matcher), the outermost matching modules are the blocks, one merge
+    each: a block whose output has its input's shape is measured as skip = input, branch =
+    output - input (which also covers merges hidden in fused kernels); a block that changes
+    the shape (a projection shortcut) takes the last merge the search found inside it."""
     handles = []
+    finder = _MergeFinder(recorder, model)
     try:
-        if matcher is None:
-            finder = _MergeFinder(recorder, model)
-            # Every module's entry and exit, to name the block that owns each merge and
-            # read its input (always_call: the exit runs also when the forward raises).
-            for name, module in model.named_modules():
+        selected = set()
+        if matcher is not None:
+            names = [name for name, module in model.named_modules() if matcher(name, module)]
+            selected = {n for n in names
+                        if not any(n.startswith(o + ".") or o == "" for o in names if o != n)}
+            finder.sink = finder.hold  # merges are kept per block until the block exits
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs, name=name: finder.enter(name, args, kwargs),
+                with_kwargs=True))
+            if name in selected:
                 handles.append(module.register_forward_pre_hook(
-                    lambda m, args, kwargs, name=name: finder.enter(name, args, kwargs),
-                    with_kwargs=True))
-                handles.append(module.register_forward_hook(
-                    lambda m, args, out: finder.leave(), always_call=True))
-            with finder:
-                # The input and the parameters are roots of the graph.
-                yield
-        else:
-            for name, module in model.named_modules():
-                if matcher(name, module):
-                    handles.append(module.register_forward_hook(_block_hook(recorder, name)))
+                    lambda m, args: finder.held.append([])))
+                handles.append(module.register_forward_hook(_block_hook(finder, name),
+                                                            always_call=True))
+            handles.append(module.register_forward_hook(
+                lambda m, args, out: finder.leave(), always_call=True))
+        with finder:
+            # The input and the parameters are roots of the graph.
             yield
     finally:
         for h in handles:
@@ -652,16 +729,23 @@ def _search(model, recorder, matcher):
     recorder.finish_forward()
 
 
-def _block_hook(recorder, name):
+def _block_hook(finder, name):
+    recorder = finder.recorder
+
     def hook(module, args, output):
+        held = finder.held.pop() if finder.held else []
         x = args[0] if args else None
         if not isinstance(output, torch.Tensor):
             return None
         if isinstance(x, torch.Tensor) and x.shape == output.shape:
-            recorder.record(x, recorder.stats(x),
-                            _channel_stats(output - x, recorder.channel_axis).tolist(),
-                            output, projection=False, name=name,
+            with torch.no_grad():
+                branch = _channel_stats(output - x, recorder.channel_axis).tolist()
+            recorder.record(x, recorder.stats(x), branch, output, projection=False, name=name,
                             input_stats=recorder.input_stats(x))
+        elif held:
+            skip, skip_stats, branch_stats, total, projection, _, input_stats = held[-1]
+            recorder.record(skip, skip_stats, branch_stats, total, projection, name,
+                            input_stats)
         else:
             recorder.record_missing_skip(output, name)
         return None
@@ -714,7 +798,7 @@ def _check_models(model):
 
 
 def _input_source(inputs):
-    if isinstance(inputs, torch.Tensor):
+    if isinstance(inputs, (torch.Tensor, Mapping)):
         return lambda i: inputs
     if isinstance(inputs, (list, tuple)):
         if not inputs:
@@ -727,8 +811,24 @@ def _input_source(inputs):
 
 
 def _check_input(x, model, channel_axis):
+    """The batch tensor, and (key, other keyword inputs) for a dict of inputs, or None."""
+    kwargs = None
+    if isinstance(x, Mapping):
+        keys = [k for k, v in x.items() if isinstance(v, torch.Tensor)]
+        if not keys:
+            raise TypeError(f"keyword inputs must hold at least one tensor (the batch), got keys "
+                            f"{list(x)}")
+        param = next(iter(model.parameters()), None)
+        rest = {k: (v.to(param.device) if isinstance(v, torch.Tensor) and param is not None
+                    else v) for k, v in x.items() if k != keys[0]}
+        kwargs, x = (keys[0], rest), x[keys[0]]
+    return _check_batch(x, model, channel_axis), kwargs
+
+
+def _check_batch(x, model, channel_axis):
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"inputs must be torch.Tensor batches, got {type(x).__name__}")
+        raise TypeError(f"inputs must be torch.Tensor batches (or dicts of keyword inputs), got "
+                        f"{type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"inputs must have a batch axis and a channel axis (rank >= 2), got shape "
                          f"{tuple(x.shape)}")

@@ -124,7 +124,10 @@ class Profile:
             a finite-sample term variance / n.
         merge_log2_second_moment: (depth,), log2 second moment of each merge's sum.
         first_nonfinite_block: the first skip position whose statistics are not finite.
-        mode: "train", "eval" or "keep", as measured.
+        mode: "init", "train", "eval" or "keep", as measured.
+        readout: where the gradients were read out: "output" (``sum(g * output)``), "last
+            merge" (the output gave none, e.g. a zero-initialised head) or "loss" (the
+            caller's); None for forward-only measurements.
 
         meta: free-form facts about how the profile was made, for captions (input shape,
             dtype, seed, ...); nothing in the toolkit reads it.
@@ -149,6 +152,7 @@ class Profile:
     merge_log2_second_moment: Optional[np.ndarray] = None
     first_nonfinite_block: Optional[int] = None
     mode: Optional[str] = None
+    readout: Optional[str] = None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -188,6 +192,7 @@ class Profile:
                 "samples_per_channel": array(self.samples_per_channel),
                 "merge_log2_second_moment": array(self.merge_log2_second_moment),
                 "first_nonfinite_block": self.first_nonfinite_block, "mode": self.mode,
+                "readout": self.readout,
                 "meta": {k: _jsonable(v) if isinstance(v, np.ndarray) else v
                          for k, v in self.meta.items()},
                 "samples": [s.to_dict() for s in self.samples]}
@@ -210,6 +215,7 @@ class Profile:
                    samples_per_channel=array(d.get("samples_per_channel")),
                    merge_log2_second_moment=array(d.get("merge_log2_second_moment")),
                    first_nonfinite_block=d.get("first_nonfinite_block"), mode=d.get("mode"),
+                   readout=d.get("readout"),
                    meta=d.get("meta", {}))
 
     def to_json(self, **kw) -> str:
@@ -239,13 +245,18 @@ def quantile_over(profiles, q):
 
 def quantile_stats(stats, q):
     """Per-position quantile ``q`` of a list of Stats of one shape, on the log2 values,
-    ignoring NaN. An exactly-zero quantity (log2 = -inf) in every sample stays -inf."""
+    ignoring NaN. Infinite values (an exactly-zero quantity is log2 = -inf) take part as
+    values: the median of zeros is zero, not the NaN of interpolating -inf with -inf."""
     out = []
     for k in QUANTITIES:
         stack = np.stack([getattr(s, f"log2_{k}") for s in stats])
+        # +-1e300 stand in for +-inf; no log2 value comes near them, and any interpolation
+        # that involves one lands beyond +-1e299, where it is mapped back to +-inf.
+        finite = np.clip(stack, -1e300, 1e300)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN positions stay NaN
-            out.append(np.nanquantile(stack, q, axis=0))
+            v = np.nanquantile(finite, q, axis=0)
+        out.append(np.where(v <= -1e299, -np.inf, np.where(v >= 1e299, np.inf, v)))
     return Stats(*out)
 
 

@@ -1,5 +1,6 @@
 """``measure`` against independent direct computations, on networks not written for it."""
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import propagation
+from propagation import nets
 from propagation.empirical import NoMergesError, NonFiniteWarning
 
 # float32 activations, statistics reduced in float32 then averaged in float64: relative error
@@ -372,3 +374,50 @@ def test_buffers_of_several_dtypes_are_restored_exactly():
     for k, v in before.items():
         assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
     assert ids == {k: id(v) for k, v in model.named_buffers()}
+
+
+def test_blocks_select_the_outermost_matching_modules():
+    from propagation import zoo
+    torch.manual_seed(0)
+    encoder = zoo.entry("torch_encoder").build()
+    x = zoo.entry("torch_encoder").inputs(0)
+    # "layers.*" matches every submodule of every layer; the outermost are the 4 layers.
+    m = propagation.measure(encoder, x, channel_axis=-1, blocks=["layers.*"], backward=False)
+    assert m.depth == 4 and m.names == ("layers.0", "layers.1", "layers.2", "layers.3")
+
+
+def test_blocks_measure_projection_blocks_from_the_merge_inside():
+    from propagation import zoo
+    torch.manual_seed(0)
+    model = zoo.TVResNet(zoo.TVBasicBlock, [2, 2], width=8)
+    x = torch.randn(8, 3, 16, 16)
+    auto = propagation.measure(model, x, backward=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no false overflow warning
+        named = propagation.measure(model, x, blocks=[zoo.TVBasicBlock], backward=False)
+    assert named.depth == auto.depth == 4 and named.projection[2]
+    # The projection block's skip operand is its downsample's output, as the search finds.
+    np.testing.assert_allclose(named.skip.log2_second_moment[:-1],
+                               auto.skip.log2_second_moment[:-1], rtol=1e-6)
+    assert np.isfinite(named.skip.log2_second_moment).all()
+
+
+def test_a_zero_head_is_read_out_at_the_last_merge():
+    torch.manual_seed(0)
+    model = nets.residual_mlp(6, width=64, scheme="batchnorm", num_classes=10)
+    nn.init.zeros_(model.head[-1].weight)
+    nn.init.zeros_(model.head[-1].bias)
+    with pytest.warns(propagation.empirical.ZeroGradientWarning, match="last merge"):
+        m = propagation.measure(model, torch.randn(64, 64))
+    assert m.readout == "last merge"
+    assert np.isfinite(m.grad.log2_second_moment).all()
+    assert m.grad.second_moment[-1] == 1.0
+
+
+def test_the_median_of_exact_zeros_is_zero():
+    torch.manual_seed(0)
+    models = [nets.residual_mlp(4, width=32, scheme="skipinit", alpha=0.0) for _ in range(3)]
+    m = propagation.measure(models, [torch.randn(32, 32) for _ in range(3)], seeds=3,
+                            backward=False)
+    assert np.all(m.branch.log2_second_moment == -np.inf)
+    assert np.all(m.branch.second_moment == 0.0)
