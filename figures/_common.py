@@ -66,7 +66,7 @@ def measure_and_predict(build, shape, seeds, mode):
     Returns (measured, theory, predict kwargs as JSON, input state).
     """
     result = propagation.check(build, shape, seeds=seeds, backward=False, mode=mode,
-                               progress=False)
+                               progress=False, diagnosis=False)
     kwargs = result.predict_kwargs
     state = {k: kwargs[k] for k in ("input_second_moment", "input_squared_mean")}
     return result.measured, result.theory, kwargs, state

@@ -78,7 +78,10 @@ def _parser():
                         help="keyword argument for the model builder (repeatable)")
         sp.add_argument("--input", type=_shape, required=True, help="input shape, e.g. 64,3,32,32")
         sp.add_argument("--seeds", type=int, default=1)
-        sp.add_argument("--mode", default="train", choices=("train", "eval", "keep"))
+        sp.add_argument("--mode", default="init", choices=("init", "train", "eval", "keep"),
+                        help="init (default): norms use batch statistics, dropout and "
+                             "stochastic depth are off; train: everything in train mode "
+                             "(dropout on); eval: running statistics; keep: the model's flags")
         sp.add_argument("--channel-axis", type=int, default=1)
         sp.add_argument("--no-backward", action="store_true", help="forward statistics only")
 
@@ -91,6 +94,9 @@ def _parser():
     model_args(ch)
     theory_args(ch, False, None)
     ch.add_argument("--width", type=int, help="channels for the finite-width band")
+    ch.add_argument("--project-first", dest="project_first", default=None,
+                    action=argparse.BooleanOptionalAction,
+                    help="whether block 0 has a projection shortcut (default: as measured)")
     ch.add_argument("--json", action="store_true")
     return p
 
@@ -163,7 +169,7 @@ def main(argv=None):
                 propagation.plot.plot_profile(measured=m).figure.savefig(args.plot)
             return 0
         overrides = dict(params)
-        for key in ("scheme", "stages", "depth"):
+        for key in ("scheme", "stages", "depth", "project_first"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
         result = propagation.check(

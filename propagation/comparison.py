@@ -30,6 +30,7 @@ any false alarm among the N checks of one comparison below 1% (Bonferroni: z = 4
 N = 700). The z term is zero in the infinite-width limit.
 """
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
@@ -313,137 +314,355 @@ def _finite_batch(stats, quantity, n):
 # --- diagnose ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Candidate:
+    """One registered scheme fitted to a measured profile.
+
+    Attributes:
+        scheme: the registered name.
+        params: its parameters as fitted (``alpha`` for schemes that take one).
+        gain: the extra multiplier on every residual branch that fits best (1 for schemes
+            whose own alpha was fitted instead): the branch scale of the measured network
+            relative to the scheme's.
+        distance: rms log2 distance of the skip path, the branches and the merge sums from
+            the measured ones (see :func:`diagnose`).
+    """
+
+    scheme: str
+    params: dict
+    gain: float
+    distance: float
+
+    def describe(self) -> str:
+        fitted = [f"{k} = {v:.3g}" for k, v in self.params.items() if isinstance(v, float)]
+        if self.gain != 1.0:
+            fitted.append(f"branch gain {self.gain:.3g}")
+        return self.scheme + (f" ({', '.join(fitted)})" if fitted else "")
+
+
+@dataclass(frozen=True)
 class Diagnosis:
-    law: str            # "linear", "exponential", "constant"
-    rate: float         # per-block increment (linear, relative to q_0) or factor (exponential)
-    closest: str        # the closest registered scheme
-    messages: tuple     # sentences for people
+    """What a measured profile's growth law means, and the registered scheme it is closest to.
+
+    Attributes:
+        law: "linear", "exponential", "constant" or "shrinking" (the skip path's growth),
+            "non-finite" (it overflowed) or "unreadable" (too few blocks, no finite values).
+        rate: per-block increment relative to the start (linear) or factor (exponential,
+            shrinking); NaN where there is none.
+        closest: the closest registered scheme ("" when none could be fitted).
+        messages: sentences for people; ``str()`` joins them.
+        candidates: every scheme fitted, closest first.
+    """
+
+    law: str
+    rate: float
+    closest: str
+    messages: tuple
+    candidates: tuple = ()
+
+    @property
+    def distance(self) -> float:
+        return self.candidates[0].distance if self.candidates else math.nan
+
+    @property
+    def effective_alpha(self) -> float:
+        """The closest scheme's fitted branch multiplier: its alpha, or the extra gain."""
+        if not self.candidates:
+            return math.nan
+        best = self.candidates[0]
+        return float(best.params.get("alpha", best.gain)) if "alpha" in best.params else best.gain
 
     def __str__(self):
         return "\n".join(self.messages)
 
 
-def _segments(profile):
-    """Index ranges of the skip path between projection blocks (each >= 3 positions)."""
-    starts = [0] + [int(i) for i in np.nonzero(profile.projection)[0] if i > 0] + [profile.depth + 1]
-    return [(a, b) for a, b in zip(starts[:-1], starts[1:]) if b - a >= 3]
+#: What each growth law of the skip path says about the residual branches.
+LAW_MESSAGES = {
+    "linear": "skip path grows linearly, {rate:+.2f} per block relative to its start: each "
+              "branch adds a fixed amount, so block l's branch is downscaled by about sqrt(l) "
+              "(the normalised-network bias towards the identity)",
+    "exponential": "skip path grows x{rate:.2f} per block: each branch scales with its input "
+                   "(no normalisation in the branch); the growth compounds with depth",
+    "constant": "skip path stays constant: the variance is held by a rescale or a norm after "
+                "each merge, or the branches are (near) zero",
+    "shrinking": "skip path shrinks x{rate:.2f} per block: every block scales its signal down (a "
+                 "rescale applied twice, or a gain below 1 on the skip path); deep blocks see a "
+                 "vanishing signal",
+    "non-finite": "the skip path is not finite: it overflowed; an unnormalised network doubles "
+                  "its signal every block (measure with dtype=torch.float64)",
+    "unreadable": "{why}",
+}
+
+#: Further findings: (test on the features, sentence). Each test reads the dict that
+#: _features returns.
+NOTES = (
+    (lambda f: f["branch_zero"],
+     "every residual branch is exactly zero: each block is the identity at initialisation (as "
+     "Fixup, or SkipInit with alpha = 0, intend; a Fixup network whose last branch layers are "
+     "not zero would show non-zero branches)"),
+    (lambda f: not f["branch_zero"] and f["downscale"] > 3,
+     "the branches are small but not zero (downscale ~ {downscale:.1f}): biased towards the "
+     "identity; if this is a Fixup network, its last branch layers should be exactly zero at "
+     "initialisation"),
+    (lambda f: f["law"] == "constant" and f["downscale"] < 3 and f["post_gap"] < -0.3,
+     "branches are as large as the skip path (downscale ~ {downscale:.2f}) and a rescale or norm "
+     "after each merge holds the variance: no bias towards the identity"),
+    (lambda f: f["mode"] == "eval" and f["law"] == "exponential",
+     "measured in eval mode: BatchNorm at initialisation then uses running statistics (0, 1) and "
+     "is the identity, so a BatchNorm network looks unnormalised; measure with mode='init'"),
+    (lambda f: f["skip_gain"] < -0.5 and f["unexplained_gap"] < -0.5,
+     "the skip operand is {skip_gain_factor:.1f}x smaller than the previous block's output in "
+     "most blocks: a gain is applied to the skip path (SkipInit's alpha belongs at the end of "
+     "the residual branch)"),
+    (lambda f: f["segments"] > 1 and f["law"] == "linear",
+     "the growth restarts at {restarts} stage boundaries (projection shortcuts or norms reset "
+     "the skip path)"),
+)
+
+_GAINS = (0.0,) + tuple(2.0 ** k for k in range(-12, 3))  # 0, 2^-12 .. 4, then refined
 
 
-def _fit(q):
-    """Fit the three laws to one segment; return {law: (rms of ln residuals, parameter)}."""
-    l = np.arange(len(q), dtype=np.float64)
-    lnq = np.log(q)
-    fits = {}
-    b, a = np.polyfit(l, q, 1)
-    lin = np.maximum(a + b * l, 1e-300)
-    fits["linear"] = (float(np.sqrt(np.mean((lnq - np.log(lin)) ** 2))), float(b / q[0]))
-    d, c = np.polyfit(l, lnq, 1)
-    fits["exponential"] = (float(np.sqrt(np.mean((lnq - (c + d * l)) ** 2))), float(np.exp(d)))
-    fits["constant"] = (float(np.sqrt(np.mean((lnq - lnq.mean()) ** 2))), 1.0)
-    return fits
+def _features(measured, skip, branch, sums):
+    """The numbers the laws and notes read, from the log2 second moments."""
+    D = measured.depth
+    finite = np.isfinite(skip)
+    down = 0.5 * (skip - branch)
+    with np.errstate(invalid="ignore"):
+        gap = skip[1:] - sums[:-1]  # post-merge change: 0 for a plain identity chain
+    ident = ~np.asarray(measured.projection[1:], dtype=bool)
+    gaps = gap[ident & np.isfinite(gap)]
+    post_gap = float(np.median(gaps)) if gaps.size else 0.0
+    # A segment restarts at a projection and where the skip operand is not the last sum.
+    restart = np.zeros(D, dtype=bool)
+    restart[0] = True
+    restart[1:] = np.asarray(measured.projection[1:], dtype=bool) | ~(np.abs(gap) < 0.05)
+    starts = list(np.nonzero(restart)[0]) + [D]
+    segments = [(a, b) for a, b in zip(starts[:-1], starts[1:])]
+    return {"finite": bool(finite.all()), "branch_zero": bool(np.all(branch == -np.inf)),
+            "downscale": float(2.0 ** np.nanmedian(np.where(np.isfinite(down), down, np.nan)))
+            if np.isfinite(down).any() else math.inf,
+            "post_gap": post_gap, "segments": len([s for s in segments if s[1] - s[0] >= 3]),
+            "restarts": max(0, len([s for s in segments if s[1] - s[0] >= 3]) - 1),
+            "segment_list": segments, "mode": measured.mode,
+            "skip_gain": post_gap if (ident.mean() > 0.5 and post_gap < -0.5
+                                      and np.all(np.isfinite(branch))) else 0.0,
+            "skip_gain_factor": 2.0 ** (-post_gap / 2.0)}
+
+
+def _law(skip, segments):
+    """The growth law of the skip path (log2 values), by vote of the segments of >= 3 blocks
+    (the whole path when none is that long): (law, rate)."""
+    long = [(a, b) for a, b in segments if b - a >= 3] or [(0, len(skip))]
+    votes = {}
+    for a, b in long:
+        seg = skip[a:b]
+        if len(seg) < 2 or not np.all(np.isfinite(seg)):
+            continue
+        l = np.arange(len(seg), dtype=np.float64)
+        q = np.exp2(seg - seg[0])
+        slope_log, _ = np.polyfit(l, seg, 1)  # log2 per block
+        resid_exp = np.sqrt(np.mean((seg - np.polyval(np.polyfit(l, seg, 1), l)) ** 2))
+        slope_lin, icpt = np.polyfit(l, q, 1)
+        lin = np.maximum(icpt + slope_lin * l, 1e-300)
+        resid_lin = np.sqrt(np.mean((seg - seg[0] - np.log2(lin)) ** 2))
+        # Less than ~28% change over the whole segment is no growth law: finite networks
+        # fluctuate by that much.
+        if abs(slope_log) * (len(seg) - 1) < 0.36:
+            law, rate = "constant", 1.0
+        elif slope_log < 0:
+            law, rate = "shrinking", float(2.0 ** slope_log)
+        elif resid_exp < 0.5 * resid_lin:
+            law, rate = "exponential", float(2.0 ** slope_log)
+        else:
+            law, rate = "linear", float(slope_lin)
+        n, _, r = votes.get(law, (0, 0, rate))
+        votes[law] = (n + b - a, 0, r if n else rate)
+    if not votes:
+        return "unreadable", math.nan
+    law = max(votes, key=lambda k: votes[k][0])
+    return law, votes[law][2]
+
+
+def _median_gap(measured, candidate):
+    """The candidate's median change from a merge's sum to the next skip operand."""
+    from .pipeline import measured_stages
+    from .predict import predict
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = predict(measured.depth, candidate.scheme, **measured_stages(measured),
+                        branch_gain=candidate.gain, **candidate.params)
+    except (ValueError, TypeError, OverflowError, ZeroDivisionError):
+        return 0.0
+    s = p.skip.log2_second_moment[:-1]
+    with np.errstate(invalid="ignore"):
+        gap = s[1:] - np.logaddexp2(s, np.broadcast_to(p.branch.log2_second_moment, s.shape))[:-1]
+    gap = gap[~np.asarray(measured.projection[1:], dtype=bool) & np.isfinite(gap)]
+    return float(np.median(gap)) if gap.size else 0.0
+
+
+def _default_alpha(name):
+    from .schemes import get_scheme
+    return get_scheme(name).defaults().get("alpha")
+
+
+def _fit_schemes(measured, skip, branch, sums):
+    """Every registered scheme at the measured depth, stage layout and input state, each
+    with its alpha (or an extra branch gain) fitted: candidates, closest first."""
+    from .pipeline import measured_stages
+    from .predict import predict
+    from .schemes import registered
+    D = measured.depth
+    layout = measured_stages(measured)
+    if measured.source == "theory" and "input_second_moment" in measured.meta:
+        state = {k: measured.meta[k] for k in ("input_second_moment", "input_squared_mean")}
+    else:
+        state = input_state(measured)
+    if not (state["input_second_moment"] > 0 and math.isfinite(state["input_second_moment"])):
+        return []
+
+    ident = ~np.asarray(measured.projection, dtype=bool)
+    steps = ident[1:]  # block l + 1 continues block l's skip path (no projection)
+
+    def terms(s, b, sm):
+        """Scale-free per-block features: the skip path's growth from block to block, the
+        branch relative to its skip operand, and the change from each merge's sum to the
+        next skip operand (a norm or rescale after the merge)."""
+        with np.errstate(invalid="ignore"):
+            return ((s[1:] - s[:-1])[steps], b - s, (s[1:] - sm[:-1])[steps])
+
+    def correlation(p):
+        """rho = m / q of the skip path in [0, 1]: how BatchNorm (which zero-means channels
+        over the batch) and LayerNorm (which keeps them) part, at equal second moments."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.exp2(p.skip.log2_squared_mean[:-1] - p.skip.log2_second_moment[:-1])
+
+    measured_terms = terms(skip, branch, sums) + (correlation(measured),)
+
+    def distance(p):
+        ps = p.skip.log2_second_moment[:-1]
+        pb = np.broadcast_to(p.branch.log2_second_moment, (D,))
+        with np.errstate(invalid="ignore", over="ignore"):
+            psum = np.logaddexp2(ps, pb)
+        total = 0.0
+        for a, b in zip(measured_terms, terms(ps, pb, psum) + (correlation(p),)):
+            both_zero = (a == -np.inf) & (b == -np.inf)
+            with np.errstate(invalid="ignore"):
+                d = np.where(both_zero, 0.0, a - b)
+            d = np.where(np.isfinite(d) | both_zero, d, 8.0)  # zero against non-zero: 8 octaves
+            total += float(np.mean(d ** 2)) if d.size else 0.0
+        return math.sqrt(total)
+
+    out = []
+    for spec in registered():
+        fit_alpha = "alpha" in spec.params
+        best = None
+        def at(g):
+            params = {"alpha": g} if fit_alpha else {}
+            gain = 1.0 if fit_alpha else g
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p = predict(D, spec.name, **layout, **state, branch_gain=gain, **params)
+            return Candidate(spec.name, params, gain, distance(p))
+
+        try:
+            for g in _GAINS:
+                c = at(g)
+                if best is None or c.distance < best.distance - 1e-9:
+                    best = c
+            g0 = best.params.get("alpha", best.gain) if best is not None else 0.0
+            if g0 > 0:  # refine between the neighbouring grid points, in log2
+                from scipy.optimize import minimize_scalar
+                r = minimize_scalar(lambda t: at(2.0 ** t).distance, method="bounded",
+                                    bounds=(math.log2(g0) - 1.0, math.log2(g0) + 1.0),
+                                    options={"xatol": 1e-3})
+                c = at(2.0 ** float(r.x))
+                if c.distance < best.distance - 1e-9:
+                    best = c
+        except (ValueError, TypeError, OverflowError, ZeroDivisionError):
+            pass
+        if best is not None:
+            default = (spec.defaults().get("alpha") if fit_alpha else 1.0)
+            key = {"alpha": default} if fit_alpha else {}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    d0 = distance(predict(D, spec.name, **layout, **state, **key))
+                if d0 <= _near(best.distance):  # a fit must earn its parameter
+                    best = Candidate(spec.name, key, 1.0, d0)
+            except (ValueError, TypeError, OverflowError, ZeroDivisionError):
+                pass
+            out.append(best)
+    out.sort(key=lambda c: c.distance)
+    if not out:
+        return out
+    # Candidates as close as the best (identical theories, e.g. every zero branch, or within
+    # the measurement's resolution) go first to the scheme that needs no fitted gain or alpha,
+    # then to one whose own alpha was fitted before one with an extra gain, then to
+    # registration order.
+    near = [c for c in out if c.distance <= _near(out[0].distance)]
+    order = [s.name for s in registered()]
+    near.sort(key=lambda c: (c.gain != 1.0, bool(c.params) and c.params != {
+        "alpha": _default_alpha(c.scheme)}, order.index(c.scheme)))
+    return near + [c for c in out if c not in near]
+
+
+def _near(distance):
+    """Distances within 5% (or 0.02 log2) of ``distance`` are not told apart."""
+    return 1.05 * distance + 0.02
 
 
 def diagnose(measured: Profile) -> "Diagnosis":
-    """Name the growth law of the skip path and what it means for the residual branches.
+    """Name the growth law of the skip path, the registered scheme the profile is closest
+    to, and what that means for the residual branches.
 
-    Returns a :class:`Diagnosis`; ``str()`` of it is a few sentences, e.g.
-    "skip path grows linearly, +0.97 per block: consistent with batchnorm ...".
+    Every registered scheme is predicted at the measured depth, stage layout and input state,
+    with its alpha (or, for schemes without one, an extra gain on every branch) fitted on a
+    grid from 2^-12 to 4, and 0. The distance is the rms, in log2, of the differences of the
+    skip operands' and the branches' second moments and of the change from each merge's sum
+    to the next skip operand (what a norm or rescale after the merge does). The closest
+    scheme is named with its distance and fitted multiplier; the growth law is fitted per
+    segment, segments restarting at projections and wherever the skip path resets.
+
+    Never raises on a Profile: one it cannot read gets law "unreadable" and a sentence why.
     """
     if not isinstance(measured, Profile):
         raise TypeError(f"measured must be a propagation.Profile, got {type(measured).__name__}")
     if measured.depth < 2:
-        raise ValueError(f"diagnose needs at least 2 blocks, got depth={measured.depth}")
-    # The skip operands only: the last entry is the last merge's sum, before any rescale or
-    # norm that follows it (sqrt_half, postnorm), and would read as growth.
-    q = measured.skip.second_moment[:-1]
-    segments = [(a, min(b, measured.depth)) for a, b in _segments(measured)]
-    segments = [(a, b) for a, b in segments if b - a >= 3] or [(0, measured.depth)]
-    votes = []
-    for a, b in segments:
-        seg = q[a:b]
-        if not np.all(np.isfinite(seg)) or np.any(seg <= 0):
-            continue
-        fits = _fit(seg)
-        rate_exp = fits["exponential"][1]
-        # Less than ~28% change over the whole segment is no growth law: finite networks
-        # fluctuate by that much.
-        if abs(math.log(rate_exp)) * (len(seg) - 1) < 0.25:
-            law = "constant"
-        elif fits["exponential"][0] < 0.5 * fits["linear"][0]:
-            law = "exponential"
-        else:
-            law = "linear"
-        votes.append((law, fits, b - a))
-    msgs = []
-    if not votes:
-        return Diagnosis("non-finite", math.nan, "none",
-                         ("the skip path is not finite: it overflowed; an unnormalised network "
-                          "doubles its signal every block (measure with dtype=torch.float64)",))
-    law = max(("constant", "linear", "exponential"), key=lambda k: sum(n for v, _, n in votes if v == k))
-    fits = next(f for v, f, _ in votes if v == law)
-    down = measured.downscale
-    branch_zero = not np.any(np.isfinite(down))
-    if law == "exponential":
-        rate = fits["exponential"][1]
-        if rate > 1:
-            alpha = math.sqrt(max(rate - 1.0, 0.0))
-            closest = "none" if abs(rate - 2.0) < 0.3 else "skipinit"
-            ratio = float(np.nanmedian(down))
-            if closest == "none":
-                msgs.append(f"skip path grows x{rate:.2f} per block: unnormalised; residual "
-                            f"branches are not downscaled (downscale ~ {ratio:.2f})")
-            else:
-                msgs.append(f"skip path grows x{rate:.2f} per block: residual branches are "
-                            f"downscaled by a constant ~ {ratio:.1f}, as by skipinit with alpha ~ "
-                            f"{alpha:.2f}; the growth compounds with depth (keep alpha below "
-                            f"1/sqrt(depth)). If this is a Fixup network, its last branch layers "
-                            f"should be zero at initialisation")
-        else:
-            closest = "sqrt_half"
-            msgs.append(f"skip path shrinks x{rate:.2f} per block: every block scales its signal down "
-                        f"(a rescale applied twice, or a gain below 1 on the skip path); deep blocks "
-                        f"see a vanishing signal")
-    elif law == "linear":
-        rate = fits["linear"][1]
-        closest = "batchnorm" if rate > 0.5 else "nf"
-        msgs.append(f"skip path grows linearly, {rate:+.2f} per block relative to its start: "
-                    f"consistent with {closest} (downscale ~ sqrt(l)"
-                    + (")" if closest == "batchnorm"
-                       else f" / alpha, alpha ~ {math.sqrt(max(rate, 0.0)):.2f})"))
+        return Diagnosis("unreadable", math.nan, "", (LAW_MESSAGES["unreadable"].format(
+            why=f"diagnose needs at least 2 blocks, the profile has {measured.depth}"),))
+    skip = measured.skip.log2_second_moment[:-1].astype(np.float64)
+    branch = np.broadcast_to(measured.branch.log2_second_moment, (measured.depth,)).astype(
+        np.float64)
+    if measured.merge_log2_second_moment is not None:
+        sums = np.asarray(measured.merge_log2_second_moment, dtype=np.float64)
     else:
-        rate = 1.0
-        if branch_zero:
-            closest = "fixup"
-            msgs.append("skip path constant and every residual branch is exactly zero: each block "
-                        "is the identity at initialisation (fixup, or skipinit with alpha = 0)")
-        else:
-            ratio = float(np.nanmedian(down))
-            if ratio < 3:
-                closest = "sqrt_half"
-                msgs.append(f"skip path constant but branches are as large as the skip path "
-                            f"(downscale ~ {ratio:.2f}): the variance is controlled by a rescale, "
-                            f"with no bias towards the identity (sqrt_half or postnorm)")
-            else:
-                closest = "fixup"
-                msgs.append(f"skip path nearly constant with small non-zero branches (downscale "
-                            f"~ {ratio:.1f}): biased towards the identity; if this is a Fixup network, "
-                            f"its last branch layers should be exactly zero at initialisation")
-    if len(segments) > 1 and law == "linear":
-        msgs.append(f"the growth restarts at {len(segments) - 1} stage boundaries (projection "
-                    f"shortcuts reset the skip path)")
-    if measured.mode == "eval" and law == "exponential":
-        msgs.append("measured in eval mode: BatchNorm at initialisation then uses running statistics "
-                    "(0, 1) and is the identity, so a BatchNorm network looks unnormalised; measure "
-                    "with mode='train'")
-    sums = measured.merge_log2_second_moment
-    if sums is not None and measured.depth > 1:
-        skip_l2 = measured.skip.log2_second_moment[1:-1]
-        prev = np.asarray(sums[:-1], dtype=np.float64)
-        ident = ~np.asarray(measured.projection[1:], dtype=bool)
-        gap = (skip_l2 - prev)[~ident] if (~ident).any() else np.array([])
-        scaled = (~ident).mean() > 0.5 and gap.size and np.nanmedian(gap) < -0.5
-        if scaled:
-            msgs.append(f"the skip operand is {2 ** (-np.nanmedian(gap) / 2):.1f}x smaller than the "
-                        f"previous block's output in most blocks: a gain is applied to the skip path "
-                        f"(SkipInit's alpha belongs at the end of the residual branch)")
-    return Diagnosis(law, float(rate), closest, tuple(msgs))
+        with np.errstate(invalid="ignore"):
+            sums = np.logaddexp2(skip, branch)
+    if not np.all(np.isfinite(skip) | (skip == -np.inf)) or np.any(skip == np.inf):
+        return Diagnosis("non-finite", math.nan, "", (LAW_MESSAGES["non-finite"],))
+    if not np.isfinite(skip).any():
+        return Diagnosis("unreadable", math.nan, "", (LAW_MESSAGES["unreadable"].format(
+            why="the skip path is exactly zero: there is no signal to read"),))
+    features = _features(measured, skip, branch, sums)
+    law, rate = _law(skip, features["segment_list"])
+    features["law"] = law
+    messages = [LAW_MESSAGES[law].format(rate=rate, why="no segment of the skip path is finite")]
+    candidates = _fit_schemes(measured, skip, branch, sums)
+    closest = candidates[0].scheme if candidates else ""
+    if candidates:
+        best = candidates[0]
+        near = [c for c in candidates[1:] if c.distance <= _near(min(
+            c.distance for c in candidates))]
+        rest = [c for c in candidates[1:] if c not in near][:2]
+        messages.append(f"closest registered scheme: {best.describe()}, {best.distance:.2f} log2 "
+                        f"rms from the measurement"
+                        + (f"; as close: {', '.join(c.describe() for c in near)}" if near else "")
+                        + (f" (next: {', '.join(f'{c.describe()} {c.distance:.2f}' for c in rest)})"
+                           if rest else ""))
+        features["unexplained_gap"] = features["post_gap"] - _median_gap(measured, best)
+    else:
+        features["unexplained_gap"] = features["post_gap"]
+    for test, text in NOTES:
+        if test(features):
+            messages.append(text.format(**features))
+    return Diagnosis(law, float(rate), closest, tuple(messages), tuple(candidates))

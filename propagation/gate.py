@@ -99,7 +99,7 @@ class Case:
         if quantities is None:
             quantities = tuple(q for q in ALL_QUANTITIES if q not in self.known[0])
         return check(self.builder(), self.shape, seeds=seeds, dtype=self.dtype,
-                     quantities=quantities, progress=False)
+                     quantities=quantities, progress=False, diagnosis=False)
 
     def __str__(self) -> str:
         return f"{self.arch}-{self.id}-{self.depth}"

@@ -128,9 +128,9 @@ def _first_input(inputs: Any) -> Optional[torch.Tensor]:
 def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inputs: Inputs, *,
           seeds: int = 1, theory: Optional[Mapping[str, Any]] = None,
           width: Optional[int] = None, quantities: Sequence[str] = ALL_QUANTITIES,
-          mode: str = "train", dtype: Optional[torch.dtype] = None, channel_axis: int = 1,
+          mode: str = "init", dtype: Optional[torch.dtype] = None, channel_axis: int = 1,
           backward: Optional[bool] = None, blocks: Any = None, progress: Optional[bool] = None,
-          **overrides: Any) -> Check:
+          diagnosis: bool = True, **overrides: Any) -> Check:
     """Measure ``model``, predict it, compare and diagnose: the toolkit's one pipeline.
 
     Args:
@@ -142,14 +142,18 @@ def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inp
             account for the median over them.
         theory: ``predict`` keyword arguments (``scheme``, its parameters, ``stages``, ...);
             default the model's own ``theory`` (the networks of ``propagation.nets`` have
-            one). ``depth`` defaults to the merges measured, the input state to the measured
-            state of the first block's input (:func:`input_state`), and networks of
-            ``propagation.nets`` get the zero padding of their convolutions.
+            one). ``depth`` defaults to the merges measured; ``stages`` and
+            ``project_first`` to the projection shortcuts measured (a stage starts at each);
+            the input state to the measured state of the first block's input
+            (:func:`input_state`); networks of ``propagation.nets`` get the zero padding of
+            their convolutions.
         width: channels for the finite-width band (default: the narrowest merge measured).
         quantities: the quantities compared (default all four); forward-only measurements
             (``backward=False``) leave out "grad".
         mode, dtype, channel_axis, blocks, progress: as :func:`propagation.measure`.
         backward: measure gradients; default: whenever "grad" is among ``quantities``.
+        diagnosis: also run :func:`propagation.diagnose` (about a second: it fits every
+            registered scheme); the gate and the figures, which do not read it, skip it.
         **overrides: ``predict`` keyword arguments that replace the theory's. A ``scheme``
             other than the theory's keeps only its structure (depth, stages, project_first,
             layers), not its parameters.
@@ -178,12 +182,14 @@ def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inp
     kwargs = theory_kwargs(models[0], measured, theory, overrides, shape)
     predicted = predict(**kwargs)
     comparison = compare(predicted, measured, width=width, quantities=quantities)
-    diagnosis, note = None, ""
-    if measured.depth < 2:
+    found, note = None, ""
+    if not diagnosis:
+        note = "no diagnosis (diagnosis=False)"
+    elif measured.depth < 2:
         note = f"no diagnosis: it needs at least 2 blocks, the model has {measured.depth}"
     else:
-        diagnosis = diagnose(measured)
-    return Check(predicted, measured, comparison, diagnosis, _jsonable_kwargs(kwargs), note,
+        found = diagnose(measured)
+    return Check(predicted, measured, comparison, found, _jsonable_kwargs(kwargs), note,
                  tuple(models))
 
 
@@ -201,6 +207,8 @@ def theory_kwargs(model: torch.nn.Module, measured: Profile,
         raise ValueError("the theory needs a scheme: the model has no .theory, so pass "
                          "theory={'scheme': ...} (or scheme=...) to check")
     base.setdefault("depth", measured.depth)
+    if "stages" not in base and base["depth"] == measured.depth:
+        base.update(measured_stages(measured, base.get("project_first")))
     from . import nets
     if (isinstance(model, nets.ResidualNetwork) and input_shape is not None
             and "padding_factors" not in base):
@@ -208,6 +216,19 @@ def theory_kwargs(model: torch.nn.Module, measured: Profile,
     if "input_second_moment" not in base:
         base.update(input_state(measured))
     return base
+
+
+def measured_stages(measured: Profile, project_first: Optional[bool] = None) -> dict:
+    """``stages`` and ``project_first`` for ``predict`` from where the measurement found
+    projection shortcuts: a stage starts at each (and at block 0). With ``project_first``
+    given, block 0's projection is taken from it rather than from the measurement."""
+    proj = np.asarray(measured.projection, dtype=bool)
+    first = bool(proj[0]) if project_first is None else bool(project_first)
+    starts = [0] + [int(i) for i in np.nonzero(proj)[0] if i > 0] + [measured.depth]
+    if len(starts) == 2 and not first:
+        return {"project_first": False}  # no projection anywhere: no stages
+    stages = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    return {"stages": stages, "project_first": first}
 
 
 def _jsonable_kwargs(kwargs: Mapping[str, Any]) -> dict:

@@ -9,7 +9,7 @@ from numpy.typing import ArrayLike
 from . import _checks, kernels
 from dataclasses import replace
 
-from .layers import MATH, NUMPY, BlockGain, backward_gain, run
+from .layers import MATH, NUMPY, BlockGain, Gain, backward_gain, run
 from .profile import Normalised, Profile, Stats
 from .schemes import Plan, get_scheme
 
@@ -40,7 +40,7 @@ def make_plan(depth: int, stages: Optional[Sequence[int]] = None, project_first:
 def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[int]] = None,
             project_first: bool = True, layers: int = 2, input_second_moment: float = 1.0,
             input_squared_mean: float = 0.0, padding_factors: Optional[ArrayLike] = None,
-            **params: Any) -> Profile:
+            branch_gain: float = 1.0, **params: Any) -> Profile:
     """Predict per-block signal propagation at initialisation in the infinite-width limit.
 
     Args:
@@ -56,6 +56,9 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
             of each weight layer of each branch, for finite convolutions whose zero padding
             loses the out-of-bounds taps (the mean fraction of in-bounds taps; see
             ``propagation.nets.padding_factors``). Default: none (the infinite limit).
+        branch_gain: an extra multiplier at the end of every residual branch (default 1);
+            ``diagnose`` fits it to say how a network's branches are scaled against a
+            scheme's.
         **params: the scheme's own parameters (e.g. ``alpha`` for skipinit and nf).
 
     Returns:
@@ -76,6 +79,9 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
     block = spec.build(plan, **clean)
     if padding_factors is not None:
         block = _with_padding(block, plan, padding_factors)
+    gain = _checks.finite_float("branch_gain", branch_gain, low=0.0)
+    if gain != 1.0:
+        block = replace(block, branch=block.branch + (Gain(gain),))
 
     if _resets(block, plan):
         prof = _profile_reset(block, plan, q0, m0)

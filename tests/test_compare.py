@@ -81,7 +81,9 @@ def test_bad_input():
     ("batchnorm", {}, "linear", "batchnorm"),
     ("none", {}, "exponential", "none"),
     ("skipinit", {"alpha": 0.5}, "exponential", "skipinit"),
-    ("fixup", {}, "constant", "fixup"),
+    # Fixup and SkipInit at alpha = 0 have the same theory at initialisation (every branch
+    # exactly zero): diagnose names SkipInit, registered first, and says both.
+    ("fixup", {}, "constant", "skipinit"),
     ("sqrt_half", {}, "constant", "sqrt_half"),
     ("nf", {"alpha": 0.2}, "linear", "nf"),
 ])
