@@ -700,26 +700,36 @@ def _search(model, recorder, matcher):
     each: a block whose output has its input's shape is measured as skip = input, branch =
     output - input (which also covers merges hidden in fused kernels); a block that changes
     the shape (a projection shortcut) takes the last merge the search found inside it."""
-    handles = []
     finder = _MergeFinder(recorder, model)
-    try:
-        selected = set()
-        if matcher is not None:
-            names = [name for name, module in model.named_modules() if matcher(name, module)]
-            selected = {n for n in names
-                        if not any(n.startswith(o + ".") or o == "" for o in names if o != n)}
-            finder.sink = finder.hold  # merges are kept per block until the block exits
-        for name, module in model.named_modules():
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, kwargs, name=name: finder.enter(name, args, kwargs),
-                with_kwargs=True))
+    names = {id(m): n for n, m in model.named_modules()}
+    selected = set()
+    if matcher is not None:
+        found = [name for name, module in model.named_modules() if matcher(name, module)]
+        selected = {n for n in found
+                    if not any(n.startswith(o + ".") or o == "" for o in found if o != n)}
+        finder.sink = finder.hold  # merges are kept per block until the block exits
+    block_hooks = {name: _block_hook(finder, name) for name in selected}
+
+    # Two global module hooks rather than two per module: registering a hook costs more
+    # than calling one, and a thousand-block network has thousands of modules.
+    def enter(module, args):
+        name = names.get(id(module))
+        if name is not None:  # a module of the model
+            finder.enter(name, args, {})
             if name in selected:
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, args: finder.held.append([])))
-                handles.append(module.register_forward_hook(_block_hook(finder, name),
-                                                            always_call=True))
-            handles.append(module.register_forward_hook(
-                lambda m, args, out: finder.leave(), always_call=True))
+                finder.held.append([])
+
+    def leave(module, args, out):
+        name = names.get(id(module))
+        if name is not None:
+            if name in selected:
+                block_hooks[name](module, args, out)
+            finder.leave()
+
+    from torch.nn.modules import module as _module
+    handles = [_module.register_module_forward_pre_hook(enter),
+               _module.register_module_forward_hook(leave, always_call=True)]
+    try:
         with finder:
             # The input and the parameters are roots of the graph.
             yield
