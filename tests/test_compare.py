@@ -98,3 +98,42 @@ def test_diagnose_rates():
     assert "x2.00 per block" in str(diagnose(predict(50, "none")))
     assert "x1.25 per block" in str(diagnose(predict(50, "skipinit", alpha=0.5)))
     assert "stage boundaries" in str(diagnose(predict(40, "batchnorm", stages=(10, 10, 20))))
+
+
+@pytest.mark.parametrize("scheme", sorted(propagation.schemes()))
+def test_diagnose_names_each_registered_scheme_from_its_own_prediction(scheme):
+    # With stages too: nf with stages (3, 4, 6, 3) used to read as "a Fixup network", and
+    # layernorm as batchnorm. A scheme whose theory is identical here may be named instead;
+    # then the named one must be at distance ~0 as well, and the scheme itself among the
+    # candidates at that distance.
+    params = {"alpha": 0.3} if scheme == "skipinit" else {}
+    for kwargs in ({"depth": 40}, {"depth": 16, "stages": (3, 4, 6, 3)}):
+        d = diagnose(predict(scheme=scheme, **kwargs, **params))
+        own = next(c for c in d.candidates if c.scheme == scheme)
+        # Grid refinement stops at a log2 step of 1e-3 in alpha: distances below 0.01 log2.
+        assert own.distance < 0.01 and d.distance < 0.01, (scheme, kwargs, str(d))
+
+
+def test_a_newly_registered_scheme_can_be_named():
+    from propagation.layers import Block, Gain, ReLUWeight
+    propagation.register_scheme(
+        "quarter_rescale", "blocks rescaled by 1/2 after the merge", "test",
+        lambda plan: Block(branch=(ReLUWeight(2.0), ReLUWeight(2.0)), post=(Gain(0.5),)))
+    try:
+        d = diagnose(predict(30, "quarter_rescale"))
+        assert d.closest == "quarter_rescale" and d.law == "shrinking", str(d)
+    finally:
+        propagation.unregister_scheme("quarter_rescale")
+
+
+def test_diagnose_never_raises_on_a_profile():
+    import dataclasses
+    p = predict(10, "batchnorm")
+    nan = dataclasses.replace(p, skip=Stats.from_linear(*[np.full(11, np.nan)] * 3))
+    zero = dataclasses.replace(p, skip=Stats.from_linear(*[np.zeros(11)] * 3))
+    inf = dataclasses.replace(p, skip=Stats.from_linear(*[np.full(11, np.inf)] * 3))
+    one = predict(1, "batchnorm")
+    for profile, law in ((nan, "non-finite"), (zero, "unreadable"), (inf, "non-finite"),
+                         (one, "unreadable")):
+        d = diagnose(profile)
+        assert d.law == law and str(d), (law, str(d))

@@ -128,3 +128,19 @@ def test_cli_check_on_one_block_exits_by_the_comparison_alone():
     code = main(["check", "--model", "propagation.nets:residual_mlp", "--arg", "depth=1",
                  "--arg", "width=64", "--input", "64,64"])
     assert code == 0
+
+
+def test_check_takes_the_stage_layout_from_the_measured_projections():
+    # A torchvision-style ResNet has no .theory: with only a scheme named, the theory's
+    # projections sit where the measurement found them (before, it had none: ResNet-18's
+    # skip q was predicted 9.5 where 1.0 was measured).
+    from propagation import zoo
+    model = zoo.TVResNet(zoo.TVBasicBlock, [2, 2, 2], width=8)
+    c = propagation.check(model, (8, 3, 16, 16), scheme="batchnorm", backward=False,
+                          diagnosis=False, progress=False)
+    assert c.predict_kwargs["stages"] == [2, 2, 2] and not c.predict_kwargs["project_first"]
+    np.testing.assert_array_equal(c.theory.projection, c.measured.projection)
+    # No projection in stage 1 unless asked: --project-first makes block 0 project.
+    forced = propagation.check(model, (8, 3, 16, 16), scheme="batchnorm", backward=False,
+                               diagnosis=False, progress=False, project_first=True)
+    assert forced.theory.projection[0]
