@@ -19,8 +19,9 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 # The whole suite, lint and the type check: what CI runs.
 test: lint typecheck test-all
 
+# Two workers (pytest-xdist): the suite is CPU-bound, and two cores halve it.
 test-all: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 # Every module, in seconds: no gate, nothing marked slow.
 test-fast: $(STAMP)

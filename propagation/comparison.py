@@ -552,46 +552,46 @@ def _fit_schemes(measured, skip, branch, sums):
             total += float(np.mean(d ** 2)) if d.size else 0.0
         return math.sqrt(total)
 
-    out = []
-    for spec in registered():
+    def at(spec, g):
         fit_alpha = "alpha" in spec.params
-        best = None
-        def at(g):
-            params = {"alpha": g} if fit_alpha else {}
-            gain = 1.0 if fit_alpha else g
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                p = predict(D, spec.name, **layout, **state, branch_gain=gain, **params)
-            return Candidate(spec.name, params, gain, distance(p))
+        params = {"alpha": g} if fit_alpha else {}
+        gain = 1.0 if fit_alpha else g
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = predict(D, spec.name, **layout, **state, branch_gain=gain, **params)
+        return Candidate(spec.name, params, gain, distance(p))
 
+    # The grid for every scheme, then a refinement of the multiplier for those near the best.
+    grid = {}
+    for spec in registered():
         try:
-            for g in _GAINS:
-                c = at(g)
-                if best is None or c.distance < best.distance - 1e-9:
-                    best = c
-            g0 = best.params.get("alpha", best.gain) if best is not None else 0.0
-            if g0 > 0:  # refine between the neighbouring grid points, in log2
+            grid[spec.name] = (spec, min((at(spec, g) for g in _GAINS),
+                                         key=lambda c: c.distance))
+        except (ValueError, TypeError, OverflowError, ZeroDivisionError):
+            continue  # the scheme cannot take this layout
+    if not grid:
+        return []
+    cut = 1.5 * min(c.distance for _, c in grid.values()) + 0.1
+    out = []
+    for spec, best in grid.values():
+        fit_alpha = "alpha" in spec.params
+        g0 = best.params.get("alpha", best.gain)
+        try:
+            if g0 > 0 and best.distance <= cut:  # between the neighbouring grid points
                 from scipy.optimize import minimize_scalar
-                r = minimize_scalar(lambda t: at(2.0 ** t).distance, method="bounded",
+                r = minimize_scalar(lambda t: at(spec, 2.0 ** t).distance, method="bounded",
                                     bounds=(math.log2(g0) - 1.0, math.log2(g0) + 1.0),
-                                    options={"xatol": 1e-3})
-                c = at(2.0 ** float(r.x))
-                if c.distance < best.distance - 1e-9:
+                                    options={"xatol": 0.01})
+                c = at(spec, 2.0 ** float(r.x))
+                if c.distance < best.distance:
                     best = c
+            default = spec.defaults().get("alpha") if fit_alpha else 1.0
+            own = at(spec, default)  # the scheme as registered: a fit must earn its parameter
+            if own.distance <= _near(best.distance):
+                best = own
         except (ValueError, TypeError, OverflowError, ZeroDivisionError):
             pass
-        if best is not None:
-            default = (spec.defaults().get("alpha") if fit_alpha else 1.0)
-            key = {"alpha": default} if fit_alpha else {}
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    d0 = distance(predict(D, spec.name, **layout, **state, **key))
-                if d0 <= _near(best.distance):  # a fit must earn its parameter
-                    best = Candidate(spec.name, key, 1.0, d0)
-            except (ValueError, TypeError, OverflowError, ZeroDivisionError):
-                pass
-            out.append(best)
+        out.append(best)
     out.sort(key=lambda c: c.distance)
     if not out:
         return out

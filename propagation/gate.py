@@ -19,6 +19,8 @@ import torch
 
 from . import nets
 from .pipeline import ALL_QUANTITIES, Check, check
+
+__all__ = ["ALL_QUANTITIES", "Case", "KNOWN", "SEEDS", "cases", "known_cases", "settings"]
 from .schemes import registered
 
 SEEDS = 3

@@ -25,3 +25,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "quick_out" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (make test runs two workers on two cores) each worker keeps to one
+    # torch thread, so that two workers do not fight over the cores with four.
+    import os
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        torch.set_num_threads(1)

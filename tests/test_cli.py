@@ -49,6 +49,7 @@ def test_measure_json(capsys):
     assert m.depth == 6 and m.source == "measurement"
 
 
+@pytest.mark.slow
 def test_check_passes_on_a_matching_scheme_and_fails_on_another(capsys):
     code, out, _ = run(capsys, "check", *MLP, "--seeds", "3", "--scheme", "batchnorm")
     assert code == 0, out

@@ -93,6 +93,7 @@ def test_diagnose_recovers_the_law_of_the_theory(scheme, params, law, closest):
     assert str(d)
 
 
+@pytest.mark.slow
 def test_diagnose_rates():
     assert "+1.00 per block" in str(diagnose(predict(50, "batchnorm")))
     assert "x2.00 per block" in str(diagnose(predict(50, "none")))
@@ -100,18 +101,19 @@ def test_diagnose_rates():
     assert "stage boundaries" in str(diagnose(predict(40, "batchnorm", stages=(10, 10, 20))))
 
 
+@pytest.mark.parametrize("kwargs", [{"depth": 40}, pytest.param(
+    {"depth": 16, "stages": (3, 4, 6, 3)}, marks=pytest.mark.slow)], ids=["plain", "stages"])
 @pytest.mark.parametrize("scheme", sorted(propagation.schemes()))
-def test_diagnose_names_each_registered_scheme_from_its_own_prediction(scheme):
+def test_diagnose_names_each_registered_scheme_from_its_own_prediction(scheme, kwargs):
     # With stages too: nf with stages (3, 4, 6, 3) used to read as "a Fixup network", and
     # layernorm as batchnorm. A scheme whose theory is identical here may be named instead;
     # then the named one must be at distance ~0 as well, and the scheme itself among the
     # candidates at that distance.
     params = {"alpha": 0.3} if scheme == "skipinit" else {}
-    for kwargs in ({"depth": 40}, {"depth": 16, "stages": (3, 4, 6, 3)}):
-        d = diagnose(predict(scheme=scheme, **kwargs, **params))
-        own = next(c for c in d.candidates if c.scheme == scheme)
-        # Grid refinement stops at a log2 step of 1e-3 in alpha: distances below 0.01 log2.
-        assert own.distance < 0.01 and d.distance < 0.01, (scheme, kwargs, str(d))
+    d = diagnose(predict(scheme=scheme, **kwargs, **params))
+    own = next(c for c in d.candidates if c.scheme == scheme)
+    # Grid refinement stops at a log2 step of 1e-3 in alpha: distances below 0.01 log2.
+    assert own.distance < 0.01 and d.distance < 0.01, (scheme, kwargs, str(d))
 
 
 def test_a_newly_registered_scheme_can_be_named():

@@ -1,9 +1,6 @@
 """propagation.check, the one pipeline (measure -> input_state -> predict -> compare ->
 diagnose), and the state it starts the theory from."""
 import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -114,13 +111,13 @@ def test_input_state_is_the_first_block_input_of_a_projection_first_network():
     assert np.all(np.abs(error) < 0.1), error
 
 
-def test_cli_check_reports_a_failing_builder_in_one_line():
-    code = ("import sys; from propagation.__main__ import main; sys.exit(main(['check', "
-            "'--model', 'propagation.nets:residual_mlp', '--arg', 'depth=3', '--arg', "
-            "'scheme=nonexistent', '--input', '8,8']))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.count("\n") == 1 and "unknown scheme 'nonexistent'" in r.stderr, r.stderr
+def test_cli_check_reports_a_failing_builder_in_one_line(capsys):
+    from propagation.__main__ import main
+    code = main(["check", "--model", "propagation.nets:residual_mlp", "--arg", "depth=3",
+                 "--arg", "scheme=nonexistent", "--input", "8,8"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "unknown scheme 'nonexistent'" in err, err
 
 
 def test_cli_check_on_one_block_exits_by_the_comparison_alone():

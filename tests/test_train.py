@@ -162,6 +162,7 @@ def test_a_diverging_configuration_is_reported_and_stopped(digits):
     assert not math.isfinite(last) or last > 10 * math.log(10)
 
 
+@pytest.mark.slow
 def test_overflow_at_initialisation_is_divergence_at_step_0(digits):
     # SkipInit with alpha = 1 doubles the variance every block: after 66 blocks the logits
     # are of order 2^33, and so is the loss, far above 10 ln 10 before any step is taken.

@@ -61,12 +61,14 @@ def test_hand_written_models(entry):
     check_entry(entry)
 
 
+@pytest.mark.slow  # importing transformers and building its models: ~8 s in all
 @needs_transformers
 @pytest.mark.parametrize("entry", HF, ids=lambda e: e.name)
 def test_hugging_face_models(entry):
     check_entry(entry)
 
 
+@pytest.mark.slow
 @needs_transformers
 def test_the_false_merges_of_gelu_new_and_rotary_are_gone():
     # 4-layer GPT-2 and Llama: 8 merges each, none inside the MLP's activation or the
@@ -96,6 +98,7 @@ def test_stochastic_layers_are_off_by_default_and_on_in_train_mode():
     assert init.mode == "init" and model.training  # the model's own flags are back
 
 
+@pytest.mark.slow
 @needs_transformers
 def test_keyword_inputs_reach_the_model():
     entry = zoo.entry("bert")
