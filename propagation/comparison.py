@@ -513,8 +513,9 @@ def _fit_schemes(measured, skip, branch, sums):
     from .schemes import registered
     D = measured.depth
     layout = measured_stages(measured)
-    if measured.source == "theory" and "input_second_moment" in measured.meta:
-        state = {k: measured.meta[k] for k in ("input_second_moment", "input_squared_mean")}
+    if measured.input_second_moment is not None:  # a prediction: the state it started from
+        state = {"input_second_moment": measured.input_second_moment,
+                 "input_squared_mean": measured.input_squared_mean or 0.0}
     else:
         state = input_state(measured)
     if not (state["input_second_moment"] > 0 and math.isfinite(state["input_second_moment"])):

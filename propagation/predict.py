@@ -99,6 +99,7 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
                                   for layer in block.pre + block.branch),
                        pre=any(layer.normalises or layer.resets for layer in block.pre),
                        post=any(layer.normalises or layer.resets for layer in block.post)),
+                   input_second_moment=q0, input_squared_mean=m0,
                    meta={"input_second_moment": q0, "input_squared_mean": m0})
 
 
@@ -170,6 +171,7 @@ def predict_reference(depth: int, scheme: str = "batchnorm", *,
                    params={**clean, **({"stages": list(plan.stages)} if plan.stages else {}),
                            **({"layers": layers} if layers != 2 else {})},
                    grad_branch_share=np.array(share),
+                   input_second_moment=q0, input_squared_mean=m0,
                    meta={"input_second_moment": q0, "input_squared_mean": m0})
 
 

@@ -107,6 +107,7 @@ class Profile:
         grad_branch_share: (depth,), the share of the gradient at each block input that came
             through the residual branch (``compare`` sizes the gradient band with it).
         normalised: where the block normalises (:class:`Normalised`).
+        input_second_moment, input_squared_mean: the state of x_0 the theory started from.
 
     Measurement only (None on theory):
         block_input: Stats (depth,) of each block's input: for an identity shortcut the skip
@@ -144,6 +145,8 @@ class Profile:
     samples: Tuple["Profile", ...] = ()
     grad_branch_share: Optional[np.ndarray] = None
     normalised: Optional[Normalised] = None
+    input_second_moment: Optional[float] = None
+    input_squared_mean: Optional[float] = None
     block_input: Optional[Stats] = None
     block_input_samples_per_channel: Optional[np.ndarray] = None
     names: Optional[Tuple[str, ...]] = None
@@ -185,6 +188,8 @@ class Profile:
                 "log2_downscale": _jsonable(self.log2_downscale),
                 "grad_branch_share": array(self.grad_branch_share),
                 "normalised": None if self.normalised is None else asdict(self.normalised),
+                "input_second_moment": self.input_second_moment,
+                "input_squared_mean": self.input_squared_mean,
                 "block_input": None if self.block_input is None else _stats_dict(self.block_input),
                 "block_input_samples_per_channel": array(self.block_input_samples_per_channel),
                 "names": None if self.names is None else list(self.names),
@@ -208,6 +213,8 @@ class Profile:
                    samples=tuple(cls.from_dict(s) for s in d.get("samples", ())),
                    grad_branch_share=array(d.get("grad_branch_share")),
                    normalised=None if d.get("normalised") is None else Normalised(**d["normalised"]),
+                   input_second_moment=d.get("input_second_moment"),
+                   input_squared_mean=d.get("input_squared_mean"),
                    block_input=None if d.get("block_input") is None else _stats_from(d["block_input"]),
                    block_input_samples_per_channel=array(d.get("block_input_samples_per_channel")),
                    names=None if d.get("names") is None else tuple(d["names"]),
