@@ -481,16 +481,17 @@ class _MergeFinder(TorchFunctionMode):
     offsets[n + 1]]``), 8 bytes per edge, so that its memory stays small against the
     activations however deep the network."""
 
-    def __init__(self, recorder, model=None):
+    def __init__(self, recorder, modules=()):
         super().__init__()
         self.recorder = recorder
         self.node_of = _WeakIds()         # tensor -> node id
         # The model's parameters and buffers (alive throughout, so their ids cannot be
         # reused): id -> node (-1: not seen yet) in a plain dict, a third of the memory of
-        # a weak entry.
-        self.owned = {} if model is None else dict.fromkeys(
-            (id(t) for t in (*model.parameters(), *model.buffers())), -1)
-        self.parameters = set() if model is None else {id(p) for p in model.parameters()}
+        # a weak entry. ``modules``: the model's modules (one walk of the model per pass).
+        params = [id(p) for m in modules for p in m._parameters.values() if p is not None]
+        buffers = [id(b) for m in modules for b in m._buffers.values() if b is not None]
+        self.owned = dict.fromkeys(params + buffers, -1)
+        self.parameters = set(params)
         self.offsets = array.array("i", [0])
         self.edges = array.array("i")
         # Per node, 1 when it depends on a parameter (the model's, or any nn.Parameter it
@@ -498,7 +499,7 @@ class _MergeFinder(TorchFunctionMode):
         # learned layer.
         self.param_dep = bytearray()
         # The modules whose forward is running, outermost first: (name, node of the first
-        # tensor input or -1, weak reference to that tensor or None).
+        # tensor input or -1, that tensor or None).
         self.stack = []
         # Where a found merge goes: the recorder, or (blocks=) the innermost selected
         # block's list in ``held``, to be chosen from when the block exits.
@@ -516,8 +517,8 @@ class _MergeFinder(TorchFunctionMode):
         x = _first_tensor_arg(args, kwargs)
         if x is None:
             self.stack.append((name, -1, None))
-        else:
-            self.stack.append((name, self._node(x), weakref.ref(x)))
+        else:  # the module's own arguments keep x alive until it returns and leaves
+            self.stack.append((name, self._node(x), x))
 
     def leave(self):
         if self.stack:
@@ -527,9 +528,9 @@ class _MergeFinder(TorchFunctionMode):
         """(name, input tensor) of the innermost running module whose input is ``ancestor``
         or one of its ancestors: the residual block that contains the merge whose operands
         meet at ``ancestor``. ("", None) when no running module's input qualifies."""
-        for name, node, ref in reversed(self.stack):
+        for name, node, x in reversed(self.stack):
             if node >= 0 and self._descends(ancestor, node):
-                return name, (ref() if ref is not None else None)
+                return name, x
         return "", None
 
     def _descends(self, node, ancestor, limit=10_000):
@@ -700,11 +701,12 @@ def _search(model, recorder, matcher):
     each: a block whose output has its input's shape is measured as skip = input, branch =
     output - input (which also covers merges hidden in fused kernels); a block that changes
     the shape (a projection shortcut) takes the last merge the search found inside it."""
-    finder = _MergeFinder(recorder, model)
-    names = {id(m): n for n, m in model.named_modules()}
+    named = list(model.named_modules())
+    finder = _MergeFinder(recorder, [m for _, m in named])
+    names = {id(m): n for n, m in named}
     selected = set()
     if matcher is not None:
-        found = [name for name, module in model.named_modules() if matcher(name, module)]
+        found = [name for name, module in named if matcher(name, module)]
         selected = {n for n in found
                     if not any(n.startswith(o + ".") or o == "" for o in found if o != n)}
         finder.sink = finder.hold  # merges are kept per block until the block exits
