@@ -14,6 +14,7 @@ import numpy as np
 
 import propagation
 from propagation import plot
+from propagation.pipeline import build_models, jsonable_kwargs
 
 
 def parse_args(figure_id, description, argv=None):
@@ -43,15 +44,10 @@ def setup_torch(threads):
     return torch
 
 
-def seeded(seed, build):
-    """``build()`` under ``torch.manual_seed(seed)``: one reproducible initialisation."""
-    import torch
-    torch.manual_seed(seed)
-    return build()
-
-
 def gaussian_input(seed, shape, dtype=None):
-    """An i.i.d. N(0, 1) batch from its own generator (independent of the weights' seed)."""
+    """An i.i.d. N(0, 1) batch from its own generator (independent of the weights' seed),
+    drawn in float32 and then cast: the MLP figures' numbers rest on these draws
+    (propagation.gaussian_inputs draws in the dtype itself, as the gate does)."""
     import torch
     gen = torch.Generator().manual_seed(10_000 + seed)
     return torch.randn(shape, generator=gen).to(dtype or torch.float32)
@@ -99,14 +95,6 @@ def curve(label, part, quantity, measured, theory, predict_kwargs, **extra):
             "measured_high": jsonable(hi), "spread": "min-max over seeds",
             "worst_abs_log2_ratio": worst_log2_ratio(measured, theory, part, quantity),
             **extra}
-
-
-def predict_kwargs(theory_dict, **extra):
-    """``model.theory`` (plus extras) as JSON: ``propagation.predict(**this)`` reproduces it."""
-    out = {}
-    for k, v in {**theory_dict, **extra}.items():
-        out[k] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def footer(fig, caption, fontsize=6.5):
@@ -178,8 +166,8 @@ def measure_mlp(scheme, s, backward):
 
     def build():
         return nets.residual_mlp(s["depth"], s["width"], scheme, **params)
-    models = [seeded(seed, build) for seed in range(s["seeds"])]
-    kwargs = predict_kwargs(models[0].theory)
+    models = build_models(build, s["seeds"])  # build() under torch.manual_seed(seed)
+    kwargs = jsonable_kwargs(models[0].theory)
     theory = propagation.predict(**kwargs)
     peak = max(np.nanmax(theory.skip.log2_second_moment), np.nanmax(theory.grad.log2_second_moment))
     dtype = torch.float64 if peak > FLOAT32_LOG2_LIMIT else torch.float32

@@ -331,6 +331,7 @@ class Candidate:
     params: dict
     gain: float
     distance: float
+    post_gap: float = 0.0  # the prediction's median change from a merge's sum to the next skip
 
     def describe(self) -> str:
         fitted = [f"{k} = {v:.3g}" for k, v in self.params.items() if isinstance(v, float)]
@@ -424,7 +425,6 @@ _GAINS = (0.0,) + tuple(2.0 ** k for k in range(-12, 3))  # 0, 2^-12 .. 4, then 
 def _features(measured, skip, branch, sums):
     """The numbers the laws and notes read, from the log2 second moments."""
     D = measured.depth
-    finite = np.isfinite(skip)
     down = 0.5 * (skip - branch)
     with np.errstate(invalid="ignore"):
         gap = skip[1:] - sums[:-1]  # post-merge change: 0 for a plain identity chain
@@ -432,16 +432,13 @@ def _features(measured, skip, branch, sums):
     gaps = gap[ident & np.isfinite(gap)]
     post_gap = float(np.median(gaps)) if gaps.size else 0.0
     # A segment restarts at a projection and where the skip operand is not the last sum.
-    restart = np.zeros(D, dtype=bool)
-    restart[0] = True
-    restart[1:] = np.asarray(measured.projection[1:], dtype=bool) | ~(np.abs(gap) < 0.05)
-    starts = list(np.nonzero(restart)[0]) + [D]
-    segments = [(a, b) for a, b in zip(starts[:-1], starts[1:])]
-    return {"finite": bool(finite.all()), "branch_zero": bool(np.all(branch == -np.inf)),
+    starts = [0] + [l + 1 for l in np.nonzero(~ident | ~(np.abs(gap) < 0.05))[0]] + [D]
+    segments = list(zip(starts[:-1], starts[1:]))
+    long = sum(b - a >= 3 for a, b in segments)
+    return {"branch_zero": bool(np.all(branch == -np.inf)),
             "downscale": float(2.0 ** np.nanmedian(np.where(np.isfinite(down), down, np.nan)))
             if np.isfinite(down).any() else math.inf,
-            "post_gap": post_gap, "segments": len([s for s in segments if s[1] - s[0] >= 3]),
-            "restarts": max(0, len([s for s in segments if s[1] - s[0] >= 3]) - 1),
+            "post_gap": post_gap, "segments": long, "restarts": max(0, long - 1),
             "segment_list": segments, "mode": measured.mode,
             "skip_gain": post_gap if (ident.mean() > 0.5 and post_gap < -0.5
                                       and np.all(np.isfinite(branch))) else 0.0,
@@ -459,8 +456,9 @@ def _law(skip, segments):
             continue
         l = np.arange(len(seg), dtype=np.float64)
         q = np.exp2(seg - seg[0])
-        slope_log, _ = np.polyfit(l, seg, 1)  # log2 per block
-        resid_exp = np.sqrt(np.mean((seg - np.polyval(np.polyfit(l, seg, 1), l)) ** 2))
+        fit_log = np.polyfit(l, seg, 1)
+        slope_log = fit_log[0]  # log2 per block
+        resid_exp = np.sqrt(np.mean((seg - np.polyval(fit_log, l)) ** 2))
         slope_lin, icpt = np.polyfit(l, q, 1)
         lin = np.maximum(icpt + slope_lin * l, 1e-300)
         resid_lin = np.sqrt(np.mean((seg - seg[0] - np.log2(lin)) ** 2))
@@ -474,30 +472,13 @@ def _law(skip, segments):
             law, rate = "exponential", float(2.0 ** slope_log)
         else:
             law, rate = "linear", float(slope_lin)
-        n, _, r = votes.get(law, (0, 0, rate))
-        votes[law] = (n + b - a, 0, r if n else rate)
+        # Each law's vote is the blocks it covers; its rate is its first segment's.
+        blocks, first_rate = votes.get(law, (0, rate))
+        votes[law] = (blocks + b - a, first_rate)
     if not votes:
         return "unreadable", math.nan
     law = max(votes, key=lambda k: votes[k][0])
-    return law, votes[law][2]
-
-
-def _median_gap(measured, candidate):
-    """The candidate's median change from a merge's sum to the next skip operand."""
-    from .pipeline import measured_stages
-    from .predict import predict
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            p = predict(measured.depth, candidate.scheme, **measured_stages(measured),
-                        branch_gain=candidate.gain, **candidate.params)
-    except (ValueError, TypeError, OverflowError, ZeroDivisionError):
-        return 0.0
-    s = p.skip.log2_second_moment[:-1]
-    with np.errstate(invalid="ignore"):
-        gap = s[1:] - np.logaddexp2(s, np.broadcast_to(p.branch.log2_second_moment, s.shape))[:-1]
-    gap = gap[~np.asarray(measured.projection[1:], dtype=bool) & np.isfinite(gap)]
-    return float(np.median(gap)) if gap.size else 0.0
+    return law, votes[law][1]
 
 
 def _default_alpha(name):
@@ -539,19 +520,22 @@ def _fit_schemes(measured, skip, branch, sums):
 
     measured_terms = terms(skip, branch, sums) + (correlation(measured),)
 
-    def distance(p):
+    def score(p):
+        """(distance from the measurement, median post-merge change) of a prediction."""
         ps = p.skip.log2_second_moment[:-1]
         pb = np.broadcast_to(p.branch.log2_second_moment, (D,))
         with np.errstate(invalid="ignore", over="ignore"):
             psum = np.logaddexp2(ps, pb)
+        predicted = terms(ps, pb, psum)
         total = 0.0
-        for a, b in zip(measured_terms, terms(ps, pb, psum) + (correlation(p),)):
+        for a, b in zip(measured_terms, predicted + (correlation(p),)):
             both_zero = (a == -np.inf) & (b == -np.inf)
             with np.errstate(invalid="ignore"):
                 d = np.where(both_zero, 0.0, a - b)
             d = np.where(np.isfinite(d) | both_zero, d, 8.0)  # zero against non-zero: 8 octaves
             total += float(np.mean(d ** 2)) if d.size else 0.0
-        return math.sqrt(total)
+        gaps = predicted[2][np.isfinite(predicted[2])]
+        return math.sqrt(total), float(np.median(gaps)) if gaps.size else 0.0
 
     def at(spec, g):
         fit_alpha = "alpha" in spec.params
@@ -560,7 +544,7 @@ def _fit_schemes(measured, skip, branch, sums):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             p = predict(D, spec.name, **layout, **state, branch_gain=gain, **params)
-        return Candidate(spec.name, params, gain, distance(p))
+        return Candidate(spec.name, params, gain, *score(p))
 
     # The grid for every scheme, then a refinement of the multiplier for those near the best.
     grid = {}
@@ -660,7 +644,7 @@ def diagnose(measured: Profile) -> "Diagnosis":
                         + (f"; as close: {', '.join(c.describe() for c in near)}" if near else "")
                         + (f" (next: {', '.join(f'{c.describe()} {c.distance:.2f}' for c in rest)})"
                            if rest else ""))
-        features["unexplained_gap"] = features["post_gap"] - _median_gap(measured, best)
+        features["unexplained_gap"] = features["post_gap"] - best.post_gap
     else:
         features["unexplained_gap"] = features["post_gap"]
     for test, text in NOTES:

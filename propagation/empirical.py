@@ -706,9 +706,11 @@ def _search(model, recorder, matcher):
     names = {id(m): n for n, m in named}
     selected = set()
     if matcher is not None:
-        found = [name for name, module in named if matcher(name, module)]
-        selected = {n for n in found
-                    if not any(n.startswith(o + ".") or o == "" for o in found if o != n)}
+        found = {name for name, module in named if matcher(name, module)}
+        # Outermost: no enclosing module ("" is the model itself) matched as well.
+        selected = {n for n in found if n == "" or not (
+            "" in found or any(".".join(n.split(".")[:k]) in found
+                               for k in range(1, n.count(".") + 1)))}
         finder.sink = finder.hold  # merges are kept per block until the block exits
     block_hooks = {name: _block_hook(finder, name) for name in selected}
 

@@ -189,7 +189,7 @@ def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inp
         note = f"no diagnosis: it needs at least 2 blocks, the model has {measured.depth}"
     else:
         found = diagnose(measured)
-    return Check(predicted, measured, comparison, found, _jsonable_kwargs(kwargs), note,
+    return Check(predicted, measured, comparison, found, jsonable_kwargs(kwargs), note,
                  tuple(models))
 
 
@@ -231,7 +231,8 @@ def measured_stages(measured: Profile, project_first: Optional[bool] = None) -> 
     return {"stages": stages, "project_first": first}
 
 
-def _jsonable_kwargs(kwargs: Mapping[str, Any]) -> dict:
+def jsonable_kwargs(kwargs: Mapping[str, Any]) -> dict:
+    """``predict`` keyword arguments as JSON: arrays and tuples become lists."""
     out = {}
     for k, v in kwargs.items():
         if isinstance(v, np.ndarray):

@@ -7,9 +7,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _checks, kernels
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from .layers import MATH, NUMPY, BlockGain, Gain, backward_gain, run
+from .layers import MATH, NUMPY, Block, BlockGain, Gain, backward_gain, run
 from .profile import Normalised, Profile, Stats
 from .schemes import Plan, get_scheme
 
@@ -69,19 +69,9 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
     The recursion is the two-point mean-field theory of ../shared/THEORY.md, corrected where
     noted in README.md (Scaled-WS correlations, backward gains of standardised layers).
     """
-    spec = get_scheme(scheme)
-    plan = make_plan(depth, stages, project_first, layers)
-    clean = spec.clean_params(params)
-    q0 = _checks.finite_float("input_second_moment", input_second_moment, low=0.0)
-    if q0 == 0.0:
-        raise ValueError("input_second_moment must be > 0, got 0.0")
-    m0 = _checks.finite_float("input_squared_mean", input_squared_mean, low=0.0, high=q0)
-    block = spec.build(plan, **clean)
-    if padding_factors is not None:
-        block = _with_padding(block, plan, padding_factors)
-    gain = _checks.finite_float("branch_gain", branch_gain, low=0.0)
-    if gain != 1.0:
-        block = replace(block, branch=block.branch + (Gain(gain),))
+    setup = _setup(depth, scheme, stages, project_first, layers, input_second_moment,
+                   input_squared_mean, padding_factors, branch_gain, params)
+    plan, block, q0, m0 = setup.plan, setup.block, setup.q0, setup.m0
 
     if _resets(block, plan):
         prof = _profile_reset(block, plan, q0, m0)
@@ -90,9 +80,8 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
         prof = _profile(block, plan, lq_x, e_x)
     share = prof[3]
     return Profile(skip=prof[0], branch=prof[1], grad=prof[2], depth=plan.depth,
-                   projection=plan.projection, source="theory", scheme=spec.name,
-                   params={**clean, **({"stages": list(plan.stages)} if plan.stages else {}),
-                           **({"layers": layers} if layers != 2 else {})},
+                   projection=plan.projection, source="theory", scheme=setup.name,
+                   params=setup.profile_params,
                    grad_branch_share=np.asarray(share),
                    normalised=Normalised(
                        branch=any(layer.normalises or layer.resets
@@ -107,7 +96,8 @@ def predict_reference(depth: int, scheme: str = "batchnorm", *,
                       stages: Optional[Sequence[int]] = None, project_first: bool = True,
                       layers: int = 2, input_second_moment: float = 1.0,
                       input_squared_mean: float = 0.0,
-                      padding_factors: Optional[ArrayLike] = None, **params: Any) -> Profile:
+                      padding_factors: Optional[ArrayLike] = None, branch_gain: float = 1.0,
+                      **params: Any) -> Profile:
     """:func:`predict`, written the way THEORY.md reads: one block at a time, one layer at a
     time, in Python floats. It is the specification the fast paths are tested against
     (tests/test_predict.py), not a tool: it costs some 20 us per layer and block.
@@ -121,16 +111,9 @@ def predict_reference(depth: int, scheme: str = "batchnorm", *,
     for a projection block, and G at x_l sums a_k and the gains of post over k >= l (the
     read-out sits at y_{D-1}, whose post is not part of the network).
     """
-    spec = get_scheme(scheme)
-    plan = make_plan(depth, stages, project_first, layers)
-    clean = spec.clean_params(params)
-    q0 = _checks.finite_float("input_second_moment", input_second_moment, low=0.0)
-    if q0 == 0.0:
-        raise ValueError("input_second_moment must be > 0, got 0.0")
-    m0 = _checks.finite_float("input_squared_mean", input_squared_mean, low=0.0, high=q0)
-    block = spec.build(plan, **clean)
-    if padding_factors is not None:
-        block = _with_padding(block, plan, padding_factors)
+    setup = _setup(depth, scheme, stages, project_first, layers, input_second_moment,
+                   input_squared_mean, padding_factors, branch_gain, params)
+    plan, block, q0, m0 = setup.plan, setup.block, setup.q0, setup.m0
     log2 = MATH.log2
     skip_gain2 = log2(block.skip_gain ** 2)
     lq, e = math.log2(q0), (q0 - m0) / q0
@@ -167,9 +150,8 @@ def predict_reference(depth: int, scheme: str = "batchnorm", *,
     nan = [math.nan] * (plan.depth + 1)
     return Profile(skip=_stats_floats(skip_states), branch=_stats_floats(branch_states),
                    grad=Stats(np.array(grad), np.array(nan), np.array(nan)), depth=plan.depth,
-                   projection=plan.projection, source="theory", scheme=spec.name,
-                   params={**clean, **({"stages": list(plan.stages)} if plan.stages else {}),
-                           **({"layers": layers} if layers != 2 else {})},
+                   projection=plan.projection, source="theory", scheme=setup.name,
+                   params=setup.profile_params,
                    grad_branch_share=np.array(share),
                    input_second_moment=q0, input_squared_mean=m0,
                    meta={"input_second_moment": q0, "input_squared_mean": m0})
@@ -203,6 +185,38 @@ def _stats_floats(states):
     lq = np.array([s[0] for s in states], dtype=np.float64)
     e = np.array([s[1] for s in states], dtype=np.float64)
     return _stats(lq, e)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What predict and predict_reference build from their arguments, checked."""
+
+    name: str
+    plan: Plan
+    block: Block
+    q0: float
+    m0: float
+    profile_params: dict
+
+
+def _setup(depth, scheme, stages, project_first, layers, input_second_moment,
+           input_squared_mean, padding_factors, branch_gain, params):
+    spec = get_scheme(scheme)
+    plan = make_plan(depth, stages, project_first, layers)
+    clean = spec.clean_params(params)
+    q0 = _checks.finite_float("input_second_moment", input_second_moment, low=0.0)
+    if q0 == 0.0:
+        raise ValueError("input_second_moment must be > 0, got 0.0")
+    m0 = _checks.finite_float("input_squared_mean", input_squared_mean, low=0.0, high=q0)
+    block = spec.build(plan, **clean)
+    if padding_factors is not None:
+        block = _with_padding(block, plan, padding_factors)
+    gain = _checks.finite_float("branch_gain", branch_gain, low=0.0)
+    if gain != 1.0:
+        block = replace(block, branch=block.branch + (Gain(gain),))
+    profile_params = {**clean, **({"stages": list(plan.stages)} if plan.stages else {}),
+                      **({"layers": layers} if layers != 2 else {})}
+    return _Setup(spec.name, plan, block, q0, m0, profile_params)
 
 
 def _with_padding(block, plan, factors):

@@ -563,9 +563,8 @@ def read_operands(model: nn.Module, batch: Any, merges: List[Merge]
 def init_mode(model: nn.Module) -> None:
     """The training flags ``measure``'s default mode uses: norms in train mode, the rest
     in eval mode (no dropout, no stochastic depth)."""
-    norm = torch.nn.modules.batchnorm._NormBase
-    for m in model.modules():
-        m.training = isinstance(m, norm)
+    from .empirical import _set_mode
+    _set_mode(list(model.modules()), "init")
 
 
 __all__ = ["Entry", "Merge", "ENTRIES", "entry", "available", "read_operands", "init_mode",

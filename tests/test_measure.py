@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import propagation
-from propagation import nets
+from propagation import nets, zoo
 from propagation.empirical import NoMergesError, NonFiniteWarning
 
 # float32 activations, statistics reduced in float32 then averaged in float64: relative error
@@ -134,83 +134,15 @@ def test_model_is_untouched_when_the_forward_pass_raises():
 
 
 # --- third-party architectures, written as their libraries write them -----------------------
-
-class TorchvisionBasicBlock(nn.Module):
-    """The structure of torchvision.models.resnet.BasicBlock (post-activation, in-place add)."""
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-class TorchvisionBottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        width = planes
-        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-def torchvision_style_resnet(block, layers, width=8):
-    def make(inplanes, planes, n, stride):
-        mods = []
-        for i in range(n):
-            s = stride if i == 0 else 1
-            down = None
-            if s != 1 or inplanes != planes * getattr(block, "expansion", 1):
-                down = nn.Sequential(nn.Conv2d(inplanes, planes * getattr(block, "expansion", 1), 1,
-                                               s, bias=False),
-                                     nn.BatchNorm2d(planes * getattr(block, "expansion", 1)))
-            mods.append(block(inplanes, planes, s, down))
-            inplanes = planes * getattr(block, "expansion", 1)
-        return nn.Sequential(*mods), inplanes
-    stem = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-    stages, c = [], width
-    for i, n in enumerate(layers):
-        stage, c = make(c, width * 2 ** i, n, 1 if i == 0 else 2)
-        stages.append(stage)
-    return nn.Sequential(*stem, *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
-
+# (torchvision's blocks and ResNet live in propagation.zoo, which the zoo tests also use)
 
 @pytest.mark.parametrize("block, layers, projections", [
-    (TorchvisionBasicBlock, (2, 2, 2), [False, False, True, False, True, False]),
-    (TorchvisionBottleneck, (1, 2), [True, True, False]),
+    (zoo.TVBasicBlock, [2, 2, 2], [False, False, True, False, True, False]),
+    (zoo.TVBottleneck, [1, 2], [True, True, False]),
 ])
 def test_torchvision_style_resnets(block, layers, projections):
     torch.manual_seed(0)
-    model = torchvision_style_resnet(block, layers)
+    model = zoo.TVResNet(block, layers, width=8)
     prof = propagation.measure(model, torch.randn(8, 3, 16, 16))
     assert prof.depth == sum(layers)
     assert prof.projection.tolist() == projections
@@ -377,7 +309,6 @@ def test_buffers_of_several_dtypes_are_restored_exactly():
 
 
 def test_blocks_select_the_outermost_matching_modules():
-    from propagation import zoo
     torch.manual_seed(0)
     encoder = zoo.entry("torch_encoder").build()
     x = zoo.entry("torch_encoder").inputs(0)
@@ -387,7 +318,6 @@ def test_blocks_select_the_outermost_matching_modules():
 
 
 def test_blocks_measure_projection_blocks_from_the_merge_inside():
-    from propagation import zoo
     torch.manual_seed(0)
     model = zoo.TVResNet(zoo.TVBasicBlock, [2, 2], width=8)
     x = torch.randn(8, 3, 16, 16)

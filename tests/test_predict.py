@@ -287,6 +287,7 @@ REFERENCE_CASES = [
     ({"stages": (20, 30), "project_first": False, "layers": 3}, {}),
     ({"input_second_moment": 2.5, "input_squared_mean": 0.7,
       "padding_factors": np.linspace(0.7, 1.0, 100).reshape(50, 2)}, {}),
+    ({"branch_gain": 0.5}, {}),
 ]
 
 
