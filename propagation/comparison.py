@@ -332,6 +332,12 @@ class Candidate:
     gain: float
     distance: float
     post_gap: float = 0.0  # the prediction's median change from a merge's sum to the next skip
+    same_structure: bool = True  # its normalisations sit where the profile's do
+
+    @property
+    def multiplier(self) -> float:
+        """The fitted branch multiplier: the scheme's alpha when it has one, else the gain."""
+        return float(self.params["alpha"]) if "alpha" in self.params else self.gain
 
     def describe(self) -> str:
         fitted = [f"{k} = {v:.3g}" for k, v in self.params.items() if isinstance(v, float)]
@@ -349,9 +355,17 @@ class Diagnosis:
             "non-finite" (it overflowed) or "unreadable" (too few blocks, no finite values).
         rate: per-block increment relative to the start (linear) or factor (exponential,
             shrinking); NaN where there is none.
-        closest: the closest registered scheme ("" when none could be fitted).
+        closest: the closest registered scheme with the profile's structure (where its
+            normalisations sit; any scheme when no registered one shares it or the profile
+            does not say); "" when none could be fitted.
+        family: what kind of network this is: the closest scheme's family (a variant names
+            its parent), or "skipinit" when every branch is switched off at initialisation
+            (exactly zero, or a fitted multiplier below ``SWITCHED_OFF``: zero-initialised
+            last norms, layer scale 1e-6), whatever normalisation it holds.
+        structure: the profile's structure in words ("" when it records none).
         messages: sentences for people; ``str()`` joins them.
-        candidates: every scheme fitted, closest first.
+        candidates: every scheme fitted: those with the profile's structure first, each
+            group closest first.
     """
 
     law: str
@@ -359,6 +373,8 @@ class Diagnosis:
     closest: str
     messages: tuple
     candidates: tuple = ()
+    family: str = ""
+    structure: str = ""
 
     @property
     def distance(self) -> float:
@@ -367,10 +383,7 @@ class Diagnosis:
     @property
     def effective_alpha(self) -> float:
         """The closest scheme's fitted branch multiplier: its alpha, or the extra gain."""
-        if not self.candidates:
-            return math.nan
-        best = self.candidates[0]
-        return float(best.params.get("alpha", best.gain)) if "alpha" in best.params else best.gain
+        return self.candidates[0].multiplier if self.candidates else math.nan
 
     def __str__(self):
         return "\n".join(self.messages)
@@ -400,17 +413,25 @@ NOTES = (
      "every residual branch is exactly zero: each block is the identity at initialisation (as "
      "Fixup, or SkipInit with alpha = 0, intend; a Fixup network whose last branch layers are "
      "not zero would show non-zero branches)"),
-    (lambda f: not f["branch_zero"] and f["downscale"] > 3,
+    (lambda f: not f["branch_zero"] and f["downscale"] > 3 and f["family"] == "fixup",
      "the branches are small but not zero (downscale ~ {downscale:.1f}): biased towards the "
-     "identity; if this is a Fixup network, its last branch layers should be exactly zero at "
+     "identity; in a Fixup network the last branch layers should be exactly zero at "
      "initialisation"),
+    (lambda f: not f["branch_zero"] and f["downscale"] > 3 and f["family"] != "fixup"
+     and not f["multiplier"] <= SWITCHED_OFF,
+     "the branches are small against the skip path (downscale ~ {downscale:.3g}): each block "
+     "starts close to the identity"),
     (lambda f: f["law"] == "constant" and f["downscale"] < 3 and f["post_gap"] < -0.3,
      "branches are as large as the skip path (downscale ~ {downscale:.2f}) and a rescale or norm "
      "after each merge holds the variance: no bias towards the identity"),
     (lambda f: f["mode"] == "eval" and f["law"] == "exponential",
      "measured in eval mode: BatchNorm at initialisation then uses running statistics (0, 1) and "
      "is the identity, so a BatchNorm network looks unnormalised; measure with mode='init'"),
-    (lambda f: f["skip_gain"] < -0.5 and f["unexplained_gap"] < -0.5,
+    (lambda f: f["post_activation"] and f["post_gap"] < -0.2,
+     "an activation after each merge (relu(x + f(x)), post-activation) takes the skip path "
+     "down by {skip_gain_factor:.2f}x in std per block; the registered schemes are "
+     "pre-activation, so expect some distance"),
+    (lambda f: f["skip_gain"] < -0.5 and f["unexplained_gap"] < -0.5 and not f["post_activation"],
      "the skip operand is {skip_gain_factor:.1f}x smaller than the previous block's output in "
      "most blocks: a gain is applied to the skip path (SkipInit's alpha belongs at the end of "
      "the residual branch)"),
@@ -419,7 +440,13 @@ NOTES = (
      "the skip path)"),
 )
 
-_GAINS = (0.0,) + tuple(2.0 ** k for k in range(-12, 3))  # 0, 2^-12 .. 4, then refined
+#: A branch multiplier at most this (a branch variance 10^-6 of the scheme's) switches the
+#: branch off: zero-initialised last norms, layer scale 1e-6 (ConvNeXt), ReZero. Weight
+#: initialisations alone (std 0.02, 1/sqrt(2L) rescales) leave multipliers of 0.005 to 1.
+SWITCHED_OFF = 1e-3
+
+# 0, 2^-24 .. 2^-12 coarsely (layer scales of 1e-6 ~ 2^-20), 2^-12 .. 4 by octaves; refined.
+_GAINS = (0.0, 2.0 ** -24, 2.0 ** -20, 2.0 ** -16) + tuple(2.0 ** k for k in range(-12, 3))
 
 
 def _features(measured, skip, branch, sums):
@@ -440,9 +467,16 @@ def _features(measured, skip, branch, sums):
             if np.isfinite(down).any() else math.inf,
             "post_gap": post_gap, "segments": long, "restarts": max(0, long - 1),
             "segment_list": segments, "mode": measured.mode,
+            "post_activation": _post_activation(measured),
             "skip_gain": post_gap if (ident.mean() > 0.5 and post_gap < -0.5
                                       and np.all(np.isfinite(branch))) else 0.0,
             "skip_gain_factor": 2.0 ** (-post_gap / 2.0)}
+
+
+def _post_activation(profile):
+    """Whether most identity merges' skip paths hold an activation after the last sum."""
+    paths = _post_paths(profile)
+    return bool(paths) and sum("activation" in k for k in paths) > len(paths) / 2
 
 
 def _law(skip, segments):
@@ -479,6 +513,34 @@ def _law(skip, segments):
         return "unreadable", math.nan
     law = max(votes, key=lambda k: votes[k][0])
     return law, votes[law][1]
+
+
+def _post_paths(profile):
+    """The post_norm kinds (sets) of the identity merges after the first whose skip path
+    since the last sum holds no weight layer (a block without a merge, a stage transition,
+    is no post-merge norm)."""
+    if profile.post_norm is None:
+        return []
+    kinds = [set(p.split("+")) - {""} for p in profile.post_norm]
+    return [k for l, k in enumerate(kinds)
+            if l > 0 and not profile.projection[l] and "weights" not in k]
+
+
+def _structure(profile):
+    """(branch norm, post norm) of a profile by majority over its merges (post norm over
+    _post_paths, activations left out), or None when it records none."""
+    if profile.branch_norm is None or profile.post_norm is None:
+        return None
+    from collections import Counter
+    branch = Counter(profile.branch_norm).most_common(1)[0][0]
+    post = ["+".join(sorted(k - {"activation"})) for k in _post_paths(profile)]
+    return branch, (Counter(post).most_common(1)[0][0] if post else "")
+
+
+def _describe_structure(structure):
+    branch, post = structure
+    return (f"normalisation in the branch: {branch or 'none'}; "
+            f"after the merge: {post or 'none'}")
 
 
 def _default_alpha(name):
@@ -519,6 +581,7 @@ def _fit_schemes(measured, skip, branch, sums):
             return np.exp2(p.skip.log2_squared_mean[:-1] - p.skip.log2_second_moment[:-1])
 
     measured_terms = terms(skip, branch, sums) + (correlation(measured),)
+    structure = _structure(measured)
 
     def score(p):
         """(distance from the measurement, median post-merge change) of a prediction."""
@@ -544,7 +607,8 @@ def _fit_schemes(measured, skip, branch, sums):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             p = predict(D, spec.name, **layout, **state, branch_gain=gain, **params)
-        return Candidate(spec.name, params, gain, *score(p))
+        same = structure is None or _structure(p) == structure
+        return Candidate(spec.name, params, gain, *score(p), same_structure=same)
 
     # The grid for every scheme, then a refinement of the multiplier for those near the best.
     grid = {}
@@ -577,13 +641,19 @@ def _fit_schemes(measured, skip, branch, sums):
         except (ValueError, TypeError, OverflowError, ZeroDivisionError):
             pass
         out.append(best)
-    out.sort(key=lambda c: c.distance)
+    return _rank([c for c in out if c.same_structure]) + _rank(
+        [c for c in out if not c.same_structure])
+
+
+def _rank(out):
+    """Closest first; candidates as close as the best (identical theories, e.g. every zero
+    branch, or within the measurement's resolution) go first to the scheme that needs no
+    fitted gain or alpha, then to one whose own alpha was fitted before one with an extra
+    gain, then to registration order."""
+    from .schemes import registered
+    out = sorted(out, key=lambda c: c.distance)
     if not out:
         return out
-    # Candidates as close as the best (identical theories, e.g. every zero branch, or within
-    # the measurement's resolution) go first to the scheme that needs no fitted gain or alpha,
-    # then to one whose own alpha was fitted before one with an extra gain, then to
-    # registration order.
     near = [c for c in out if c.distance <= _near(out[0].distance)]
     order = [s.name for s in registered()]
     near.sort(key=lambda c: (c.gain != 1.0, bool(c.params) and c.params != {
@@ -633,21 +703,53 @@ def diagnose(measured: Profile) -> "Diagnosis":
     features["law"] = law
     messages = [LAW_MESSAGES[law].format(rate=rate, why="no segment of the skip path is finite")]
     candidates = _fit_schemes(measured, skip, branch, sums)
-    closest = candidates[0].scheme if candidates else ""
+    structure = _structure(measured)
+    said = "" if structure is None else _describe_structure(structure)
+    closest, family = "", ""
     if candidates:
         best = candidates[0]
-        near = [c for c in candidates[1:] if c.distance <= _near(min(
-            c.distance for c in candidates))]
-        rest = [c for c in candidates[1:] if c not in near][:2]
-        messages.append(f"closest registered scheme: {best.describe()}, {best.distance:.2f} log2 "
-                        f"rms from the measurement"
+        group = [c for c in candidates if c.same_structure == best.same_structure]
+        near = [c for c in group[1:] if c.distance <= _near(best.distance)]
+        rest = [c for c in group[1:] if c not in near][:2]
+        if structure is not None and not best.same_structure:
+            messages.append(f"no registered scheme has this structure ({said}); closest by "
+                            f"statistics alone:")
+        what = ("closest registered scheme" if structure is None or not best.same_structure
+                else "closest registered scheme with this structure")
+        messages.append(f"{what}: {best.describe()}, {best.distance:.2f} log2 rms from the "
+                        f"measurement"
                         + (f"; as close: {', '.join(c.describe() for c in near)}" if near else "")
                         + (f" (next: {', '.join(f'{c.describe()} {c.distance:.2f}' for c in rest)})"
                            if rest else ""))
+        other = [c for c in candidates if not c.same_structure]
+        if best.same_structure and other and other[0].distance < _near(best.distance) / 1.05 - 0.1:
+            messages.append(f"by statistics alone {other[0].describe()} is closer "
+                            f"({other[0].distance:.2f} log2), but its normalisations sit "
+                            f"elsewhere ({said})")
+        closest = best.scheme
+        from .schemes import get_scheme
+        family = get_scheme(best.scheme).family_name
         features["unexplained_gap"] = features["post_gap"] - best.post_gap
+        features["multiplier"] = best.multiplier
     else:
         features["unexplained_gap"] = features["post_gap"]
+        features["multiplier"] = math.nan
+    if features["branch_zero"] or features["multiplier"] <= SWITCHED_OFF:
+        family = "skipinit"
+    if family:
+        messages.insert(0, f"verdict: a {family} network"
+                        + (" (every branch switched off at initialisation)"
+                           if family == "skipinit" and closest != "skipinit" else "")
+                        + (f"; {said}" if said else ""))
+    features["family"] = family
+    if family == "skipinit":
+        if not features["branch_zero"]:
+            messages.append(f"the branches are switched off at initialisation: a multiplier of "
+                            f"{features['multiplier']:.2g} on the closest scheme's branch (a "
+                            f"layer scale, a zero-initialised last norm or alpha): "
+                            f"SkipInit-like, every block starts near the identity")
     for test, text in NOTES:
         if test(features):
             messages.append(text.format(**features))
-    return Diagnosis(law, float(rate), closest, tuple(messages), tuple(candidates))
+    return Diagnosis(law, float(rate), closest, tuple(messages), tuple(candidates),
+                     family=family, structure=said)

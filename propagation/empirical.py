@@ -36,6 +36,62 @@ from torch.overrides import TorchFunctionMode
 from . import _checks
 from .profile import Profile, Stats, quantile_over, quantile_stats
 
+#: Normalisations, as bits of a node's kind: what Profile.branch_norm and post_norm name;
+#: post_norm also names "weights" (a weight layer: the skip operand passed through a whole
+#: block without a merge, or a transition, since the last merge) and "activation" (an
+#: elementwise nonlinearity: relu(x + f(x)) of post-activation ResNets).
+_NORM_KINDS = ("batch", "layer", "instance", "weights", "activation")
+_WEIGHTS, _ACTIVATION = 8, 16
+_F = torch.nn.functional
+_NORM_FUNCS = {
+    **dict.fromkeys((torch.nn.functional.batch_norm, torch.batch_norm), 1),
+    **dict.fromkeys((torch.nn.functional.layer_norm, torch.layer_norm, torch.nn.functional.group_norm,
+                     torch.group_norm, torch.nn.functional.rms_norm, torch.rms_norm), 2),
+    **dict.fromkeys((torch.nn.functional.instance_norm, torch.instance_norm), 4),
+    **dict.fromkeys((torch.nn.functional.linear, torch.nn.functional.bilinear,
+                     torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+                     torch.nn.functional.conv3d, torch.nn.functional.conv_transpose1d,
+                     torch.nn.functional.conv_transpose2d, torch.nn.functional.conv_transpose3d,
+                     torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
+                     torch.bmm, torch.addmm, torch.baddbmm, torch.einsum), _WEIGHTS),
+    **dict.fromkeys((_F.relu, _F.relu_, torch.relu, torch.relu_, torch.Tensor.relu,
+                     torch.Tensor.relu_, _F.relu6, _F.gelu, _F.silu, _F.hardswish, _F.elu,
+                     _F.leaky_relu, _F.mish, _F.softplus, _F.hardtanh, _F.tanh, torch.tanh,
+                     torch.Tensor.tanh, torch.sigmoid, torch.Tensor.sigmoid, _F.sigmoid),
+                    _ACTIVATION),
+}
+
+
+def _module_norm(module):
+    """The norm bit of a module whose own calls normalise (hand-written RMSNorms and
+    LayerNorms: LlamaRMSNorm, T5LayerNorm), by class name; 0 for other modules."""
+    for cls in type(module).__mro__:
+        name = cls.__name__.lower()
+        if "batchnorm" in name:
+            return 1
+        if any(k in name for k in ("layernorm", "rmsnorm", "groupnorm")):
+            return 2
+        if "instancenorm" in name:
+            return 4
+    return 0
+
+
+def _in_place(func, kwargs):
+    """Whether a call writes into its input (add_, __iadd__, relu(inplace=True), out=)."""
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS \
+        or bool(kwargs.get("inplace")) or kwargs.get("out") is not None
+
+
+_IN_PLACE_DUNDERS = frozenset(f"__i{op}__" for op in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
+    "lshift", "rshift"))
+
+
+def _norm_names(bits):
+    return "+".join(k for i, k in enumerate(_NORM_KINDS) if bits >> i & 1)
+
+
 _ADDS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
                    torch.Tensor.__iadd__, torch.Tensor.__radd__})
 _MODES = ("init", "train", "eval", "keep")
@@ -336,6 +392,7 @@ class _Recorder:
         # of skip, entries of sum, channels)
         self.merges = 0
         self.names = []       # per merge, the name of the module that owns it
+        self.norms = []       # per merge, (branch_norm, post_norm)
         self._inputs = array.array("d")  # per merge, statistics of the block input
         self._stats = array.array("d")
         self._info = array.array("q")
@@ -364,7 +421,7 @@ class _Recorder:
         return self.stats(x) + [x.numel() / _channels(x, self.channel_axis)]
 
     def record(self, skip, skip_stats, branch_stats, total, projection, name="",
-               input_stats=None):
+               input_stats=None, norms=("", "")):
         """Record one merge; ``total`` is the sum tensor or, already measured, a tuple
         (statistics, the tensor)."""
         k = self.merges
@@ -374,7 +431,7 @@ class _Recorder:
             total_stats = self.stats(total)
         self._append(skip_stats, branch_stats, total_stats, projection, skip.numel(),
                      total.numel(), _channels(total, self.channel_axis), name,
-                     [math.nan] * 4 if input_stats is None else input_stats)
+                     [math.nan] * 4 if input_stats is None else input_stats, norms)
         self._hook(skip, k)
         self._last_sum = total
         return k
@@ -383,12 +440,13 @@ class _Recorder:
         nan = [math.nan] * 3
         self._append(nan, nan, _channel_stats(total, self.channel_axis).tolist(), True,
                      total.numel(), total.numel(), _channels(total, self.channel_axis), name,
-                     nan + [math.nan])
+                     nan + [math.nan], ("", ""))
         self._last_sum = total
 
     def _append(self, skip, branch, total, projection, numel_skip, numel_sum, channels, name,
-                block_input):
+                block_input, norms):
         self.names.append(name)
+        self.norms.append(norms)
         self._inputs.extend(block_input)
         self._stats.extend(skip)
         self._stats.extend(branch)
@@ -467,6 +525,8 @@ class _Recorder:
                        projection=info[:, 0].astype(bool), source="measurement",
                        block_input=Stats.from_linear(*inputs[:, :3].T),
                        block_input_samples_per_channel=inputs[:, 3], names=tuple(self.names),
+                       branch_norm=tuple(b for b, _ in self.norms),
+                       post_norm=tuple(p for _, p in self.norms),
                        channels=int(channels.min()), samples_per_channel=per_channel,
                        merge_log2_second_moment=merge_log2, first_nonfinite_block=first_bad,
                        mode=mode, readout=readout, meta=meta)
@@ -498,6 +558,10 @@ class _MergeFinder(TorchFunctionMode):
         # uses); buffers do not count: a rotary table or a BatchNorm statistic is no
         # learned layer.
         self.param_dep = bytearray()
+        # Per node, the bits of the normalisations it is part of (_NORM_KINDS), and the node
+        # of the last merge's sum (where the next skip operand's post_norm path starts).
+        self.norm = bytearray()
+        self.last_sum = -1
         # The modules whose forward is running, outermost first: (name, node of the first
         # tensor input or -1, that tensor or None).
         self.stack = []
@@ -506,19 +570,20 @@ class _MergeFinder(TorchFunctionMode):
         self.sink = recorder.record
         self.held = []
 
-    def hold(self, skip, skip_stats, branch_stats, total, projection, name, input_stats):
+    def hold(self, skip, skip_stats, branch_stats, total, projection, name, input_stats,
+             norms):
         if self.held:  # merges outside every selected block are not measured
             # The sum's statistics now: the block may modify it in place (out += x; relu_).
             self.held[-1].append((skip, skip_stats, branch_stats,
                                   (self.recorder.stats(total), total), projection, name,
-                                  input_stats))
+                                  input_stats, norms))
 
-    def enter(self, name, args, kwargs):
+    def enter(self, name, args, kwargs, norm=0):
         x = _first_tensor_arg(args, kwargs)
         if x is None:
-            self.stack.append((name, -1, None))
+            self.stack.append((name, -1, None, norm))
         else:  # the module's own arguments keep x alive until it returns and leaves
-            self.stack.append((name, self._node(x), x))
+            self.stack.append((name, self._node(x), x, norm))
 
     def leave(self):
         if self.stack:
@@ -528,7 +593,7 @@ class _MergeFinder(TorchFunctionMode):
         """(name, input tensor) of the innermost running module whose input is ``ancestor``
         or one of its ancestors: the residual block that contains the merge whose operands
         meet at ``ancestor``. ("", None) when no running module's input qualifies."""
-        for name, node, x in reversed(self.stack):
+        for name, node, x, _ in reversed(self.stack):
             if node >= 0 and self._descends(ancestor, node):
                 return name, x
         return "", None
@@ -555,6 +620,7 @@ class _MergeFinder(TorchFunctionMode):
             node = len(self.offsets) - 1
             self.offsets.append(len(self.edges))
             self.param_dep.append(isinstance(t, torch.nn.Parameter) or id(t) in self.parameters)
+            self.norm.append(0)
             self._assign(t, node)
         return node
 
@@ -574,13 +640,13 @@ class _MergeFinder(TorchFunctionMode):
         if func in _ADDS and len(args) >= 2 and kwargs.get("alpha", 1) == 1:
             merge = self._merge_operands(args[0], args[1])
             if merge is not None:
-                skip, branch, projection, ancestor = merge
+                skip, branch, projection, ancestor, norms = merge
                 # Operand statistics before the call: an in-place add overwrites one of them.
                 pre = (self.recorder.stats(skip), self.recorder.stats(branch))
                 name, x = self.owner(ancestor)
                 if not projection:  # an identity shortcut: the block input is the skip operand
                     x = skip
-                block = (name, None if x is None else self.recorder.input_stats(x))
+                block = (name, None if x is None else self.recorder.input_stats(x), norms)
         out = func(*args, **kwargs)
         if isinstance(out, Tensor):
             outs = (out,)
@@ -606,9 +672,16 @@ class _MergeFinder(TorchFunctionMode):
             self.offsets.append(len(self.edges))
             dep = self.param_dep
             dep.append(any(dep[p] for p in parents))
+            stack = self.stack
+            self.norm.append(_NORM_FUNCS.get(func, 0) or (stack[-1][3] if stack else 0))
+            aliased = (any(o is a for o in outs for a in args) and not _in_place(func, kwargs))
             for o in outs:
-                self._assign(o, new)
+                # An op that hands back its input unchanged (x.to(x.dtype), x.contiguous())
+                # makes no new value: the tensor keeps its node.
+                if not (aliased and any(o is a for a in args)):
+                    self._assign(o, new)
         if merge is not None:
+            self.last_sum = len(self.offsets) - 2
             self.sink(skip, pre[0], pre[1], out, projection, *block)
         return out
 
@@ -629,15 +702,41 @@ class _MergeFinder(TorchFunctionMode):
         # A residual branch holds a learned layer; a sum of two parameter-free functions of
         # one tensor (x + 0.044715 x^3 in GELU, q cos + rotate(q) sin in rotary embeddings)
         # is not a residual merge.
-        if not self._learned_path(nb, ancestor):
+        path = self._path(nb, ancestor)
+        if not self._learned(path, ancestor):
             return None
-        return a, b, da > 0, ancestor
+        post = 0
+        if 0 <= self.last_sum < na and da == 0:  # the skip path since the last merge's sum
+            post = self._norms(self._path(na, self.last_sum), self.last_sum)
+        return a, b, da > 0, ancestor, (_norm_names(self._norms(path, ancestor) & ~(_WEIGHTS | _ACTIVATION)),
+                                        _norm_names(post))
 
-    def _learned_path(self, node, ancestor, limit=100_000):
-        """Whether a call on a path from ``ancestor`` to ``node`` took a parameter-dependent
-        input that does not itself descend from ``ancestor`` (a weight, a gain)."""
+    def _norms(self, path, start):
+        """The norm bits of the nodes on a path (``start`` itself excluded)."""
+        bits = 0
+        norm = self.norm
+        for n, down in path.items():
+            if down and n != start:
+                bits |= norm[n]
+        return bits
+
+    def _learned(self, path, start):
+        """Whether a call on the path took a parameter-dependent input that does not itself
+        descend from the path's start (a weight, a gain)."""
+        dep = self.param_dep
+        for n, down in path.items():
+            if down and n != start:
+                for p in self.parents(n):
+                    if dep[p] and not path.get(p, False):
+                        return True
+        return False
+
+    def _path(self, node, ancestor, limit=100_000):
+        """{n: whether n descends from ``ancestor``} over the ancestors of ``node`` newer than
+        ``ancestor``: the nodes with True (but ``ancestor``) are on the paths from ``ancestor``
+        to ``node``."""
         if node == ancestor:
-            return False
+            return {}
         # descends[n]: n descends from ancestor (or is it); only nodes newer than it can.
         descends = {ancestor: True}
         todo = [node]
@@ -652,13 +751,7 @@ class _MergeFinder(TorchFunctionMode):
                 continue
             todo.pop()
             descends[n] = any(descends.get(p, False) for p in self.parents(n))
-        dep = self.param_dep
-        for n, down in descends.items():
-            if down and n != ancestor:
-                for p in self.parents(n):
-                    if dep[p] and not descends.get(p, False):
-                        return True
-        return False
+        return descends
 
     def _latest_common_ancestor(self, na, nb, limit=100_000):
         """Distances from na and nb to their latest common ancestor (by creation), and that
@@ -704,6 +797,7 @@ def _search(model, recorder, matcher):
     named = list(model.named_modules())
     finder = _MergeFinder(recorder, [m for _, m in named])
     names = {id(m): n for n, m in named}
+    norms = {id(m): _module_norm(m) for _, m in named}
     selected = set()
     if matcher is not None:
         found = {name for name, module in named if matcher(name, module)}
@@ -719,7 +813,7 @@ def _search(model, recorder, matcher):
     def enter(module, args):
         name = names.get(id(module))
         if name is not None:  # a module of the model
-            finder.enter(name, args, {})
+            finder.enter(name, args, {}, norms[id(module)])
             if name in selected:
                 finder.held.append([])
 
@@ -755,11 +849,12 @@ def _block_hook(finder, name):
             with torch.no_grad():
                 branch = _channel_stats(output - x, recorder.channel_axis).tolist()
             recorder.record(x, recorder.stats(x), branch, output, projection=False, name=name,
-                            input_stats=recorder.input_stats(x))
+                            input_stats=recorder.input_stats(x),
+                            norms=held[-1][-1] if held else ("", ""))
         elif held:
-            skip, skip_stats, branch_stats, total, projection, _, input_stats = held[-1]
+            skip, skip_stats, branch_stats, total, projection, _, input_stats, norms = held[-1]
             recorder.record(skip, skip_stats, branch_stats, total, projection, name,
-                            input_stats)
+                            input_stats, norms)
         else:
             recorder.record_missing_skip(output, name)
         return None

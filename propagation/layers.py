@@ -65,6 +65,10 @@ class Layer:
     #: True when the output's scale does not follow the input's (BatchNorm, LayerNorm): a
     #: finite network's random drift of the input scale stops here.
     normalises = False
+    #: The kind of normalisation, as ``measure`` names it from the calls a network makes:
+    #: "batch" (statistics over the batch and positions, per channel) or "layer" (over the
+    #: channels of each example: LayerNorm, RMSNorm, GroupNorm); "" for no normalisation.
+    norm = ""
 
     def forward(self, lq, e, l, backend):
         raise NotImplementedError
@@ -176,6 +180,7 @@ class BatchNorm(Layer):
 
     resets = True
     normalises = True
+    norm = "batch"
 
     def forward(self, lq, e, l, backend):
         return backend.const(0.0, lq), backend.const(1.0, e)
@@ -194,6 +199,7 @@ class LayerNorm(Layer):
     """LayerNorm over channels, per example: q to 1, correlations between inputs kept."""
 
     normalises = True
+    norm = "layer"
 
     def forward(self, lq, e, l, backend):
         return backend.const(0.0, lq), e

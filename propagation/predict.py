@@ -82,6 +82,7 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
     return Profile(skip=prof[0], branch=prof[1], grad=prof[2], depth=plan.depth,
                    projection=plan.projection, source="theory", scheme=setup.name,
                    params=setup.profile_params,
+                   **_norms(block, plan.depth),
                    grad_branch_share=np.asarray(share),
                    normalised=Normalised(
                        branch=any(layer.normalises or layer.resets
@@ -152,9 +153,18 @@ def predict_reference(depth: int, scheme: str = "batchnorm", *,
                    grad=Stats(np.array(grad), np.array(nan), np.array(nan)), depth=plan.depth,
                    projection=plan.projection, source="theory", scheme=setup.name,
                    params=setup.profile_params,
+                   **_norms(block, plan.depth),
                    grad_branch_share=np.array(share),
                    input_second_moment=q0, input_squared_mean=m0,
                    meta={"input_second_moment": q0, "input_squared_mean": m0})
+
+
+def _norms(block, depth):
+    """Profile.branch_norm and post_norm of a block's layer maps, as measure names them."""
+    def kinds(layers):
+        return "+".join(sorted({layer.norm for layer in layers if layer.norm}))
+    branch, post = kinds(block.pre + block.branch), kinds(block.post)
+    return {"branch_norm": (branch,) * depth, "post_norm": ("",) + (post,) * (depth - 1)}
 
 
 def _logaddexp2(a, b):

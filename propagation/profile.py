@@ -103,6 +103,18 @@ class Profile:
         samples: for measurements over several seeds, one Profile per seed; the main
             fields then hold the median over seeds.
 
+    Both (None on profiles made before these fields existed):
+        branch_norm: (depth,), the normalisations on each merge's residual branch (from the
+            block input, including a norm shared with a projection shortcut), as "batch",
+            "layer" (LayerNorm, RMSNorm, GroupNorm: over each example's channels), other
+            kinds by name, joined with "+" when there are several, "" for none.
+        post_norm: (depth,), the normalisations between the previous merge's sum and each
+            merge's skip operand (post-LN puts "layer" here); "" for the first merge and
+            for projection shortcuts. A measurement adds "weights" when a weight layer sits
+            on that path too (a block without a merge, a stage transition) and "activation"
+            for an elementwise nonlinearity (post-activation ResNets: relu(x + f(x))).
+        ``diagnose`` fits only the registered schemes with the same structure.
+
     Theory only (None on measurements):
         grad_branch_share: (depth,), the share of the gradient at each block input that came
             through the residual branch (``compare`` sizes the gradient band with it).
@@ -143,6 +155,8 @@ class Profile:
     scheme: Optional[str] = None
     params: dict = field(default_factory=dict)
     samples: Tuple["Profile", ...] = ()
+    branch_norm: Optional[Tuple[str, ...]] = None
+    post_norm: Optional[Tuple[str, ...]] = None
     grad_branch_share: Optional[np.ndarray] = None
     normalised: Optional[Normalised] = None
     input_second_moment: Optional[float] = None
@@ -186,6 +200,8 @@ class Profile:
                 "skip": _stats_dict(self.skip), "branch": _stats_dict(self.branch),
                 "grad": _stats_dict(self.grad),
                 "log2_downscale": _jsonable(self.log2_downscale),
+                "branch_norm": None if self.branch_norm is None else list(self.branch_norm),
+                "post_norm": None if self.post_norm is None else list(self.post_norm),
                 "grad_branch_share": array(self.grad_branch_share),
                 "normalised": None if self.normalised is None else asdict(self.normalised),
                 "input_second_moment": self.input_second_moment,
@@ -211,6 +227,8 @@ class Profile:
                    projection=np.array(d["projection"], dtype=bool),
                    source=d["source"], scheme=d["scheme"], params=d["params"],
                    samples=tuple(cls.from_dict(s) for s in d.get("samples", ())),
+                   branch_norm=None if d.get("branch_norm") is None else tuple(d["branch_norm"]),
+                   post_norm=None if d.get("post_norm") is None else tuple(d["post_norm"]),
                    grad_branch_share=array(d.get("grad_branch_share")),
                    normalised=None if d.get("normalised") is None else Normalised(**d["normalised"]),
                    input_second_moment=d.get("input_second_moment"),

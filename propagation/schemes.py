@@ -59,6 +59,9 @@ class Scheme:
         zero_head: the classifier starts at zero (Fixup).
         gate: the parameter settings at which the CI gate checks theory against the
             reference network.
+        family: the family ``diagnose`` reports for a network closest to this scheme (a
+            variant names its parent: relu_bn_conv is a "batchnorm" network); "" means the
+            scheme's own name.
     """
 
     name: str
@@ -70,6 +73,11 @@ class Scheme:
     head_norm: Optional[str] = None
     zero_head: bool = False
     gate: Tuple[Mapping[str, object], ...] = ({},)
+    family: str = ""
+
+    @property
+    def family_name(self) -> str:
+        return self.family or self.name
 
     def network_factory(self) -> Callable:
         """The reference network's block factory (imported on first use)."""
@@ -104,7 +112,7 @@ def register_scheme(name: str, description: str, reference: str, build: Callable
                     params: Optional[Mapping[str, Param]] = None, *,
                     network: Optional[Union[str, Callable]] = None,
                     head_norm: Optional[str] = None, zero_head: bool = False,
-                    gate: Tuple[Mapping[str, object], ...] = ({},),
+                    gate: Tuple[Mapping[str, object], ...] = ({},), family: str = "",
                     replace: bool = False) -> "Scheme":
     """Add a scheme to the registry: one call, and ``predict``, ``propagation.nets``, the
     gate, ``diagnose`` and the training runs pick it up.
@@ -117,6 +125,7 @@ def register_scheme(name: str, description: str, reference: str, build: Callable
             layers in a branch and ``plan.projection`` marks blocks with projection shortcuts.
         params: ``{name: Param(default, doc, check)}``.
         network, head_norm, zero_head, gate: the reference network (see :class:`Scheme`).
+        family: the family ``diagnose`` names for this scheme ("" for its own name).
         replace: allow overwriting an existing name.
     Returns: the registered :class:`Scheme`.
     """
@@ -131,7 +140,7 @@ def register_scheme(name: str, description: str, reference: str, build: Callable
     params = dict(params or {})
     gate = tuple(dict(g) for g in gate)
     scheme = Scheme(name, description, reference, build, params, network, head_norm,
-                    bool(zero_head), gate)
+                    bool(zero_head), gate, str(family))
     for g in gate:
         scheme.clean_params(g)  # a gate setting the scheme cannot take fails here, not in CI
     _REGISTRY[name] = scheme
@@ -271,7 +280,8 @@ register_scheme("nf", "NF-ResNet: x + alpha f(x / beta_l), ReLU + Scaled Weight 
 register_scheme("nf_he", "NF-ResNet scaling with He-initialised (not standardised) weights",
                 "Brock, De & Smith 2021 (their He-init baseline)",
                 lambda plan, alpha: _nf(plan, alpha, ws=False),
-                {"alpha": Param(0.2, _ALPHA_DOC, nonneg_finite)}, network=_NETS + "_nf_he")
+                {"alpha": Param(0.2, _ALPHA_DOC, nonneg_finite)}, network=_NETS + "_nf_he",
+                family="nf")
 register_scheme("layernorm", "pre-LN blocks: LayerNorm over channels before each ReLU",
                 "Xiong et al. 2020 (pre-LN)", _layernorm, network=_NETS + "_layernorm",
                 head_norm="layernorm")
@@ -282,4 +292,4 @@ register_scheme("relu_bn_conv", "ReLU-BN-Conv ordering: the conv reads BatchNorm
                 "Brock, De & Smith 2021 (signal propagation plots)", _relu_bn_conv,
                 {"gain2": Param(2.0, "squared gain of the conv weights (2 = He, 1 = LeCun)",
                                 lambda n, v: _checks.finite_float(n, v, low=0.0))},
-                network=_NETS + "_relu_bn_conv", head_norm="batchnorm")
+                network=_NETS + "_relu_bn_conv", head_norm="batchnorm", family="batchnorm")

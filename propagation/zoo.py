@@ -47,7 +47,7 @@ class Entry:
         merges: the true number of residual merges.
         why: the source lines that show it.
         channel_axis: 1 for images, -1 for token sequences.
-        family: the registered scheme ``diagnose`` should name as closest.
+        family: the family ``diagnose`` should name (``Diagnosis.family``).
         oracle: ``model -> [Merge]``, one per merge in forward order.
         source: "transformers" or "hand-written".
     """

@@ -7,6 +7,7 @@ import pytest
 import propagation
 from propagation import compare, diagnose, predict
 from propagation.profile import Stats
+from propagation.schemes import get_scheme
 
 
 def scaled(profile, part, factor, block=None):
@@ -114,6 +115,9 @@ def test_diagnose_names_each_registered_scheme_from_its_own_prediction(scheme, k
     own = next(c for c in d.candidates if c.scheme == scheme)
     # Grid refinement stops at a log2 step of 1e-3 in alpha: distances below 0.01 log2.
     assert own.distance < 0.01 and d.distance < 0.01, (scheme, kwargs, str(d))
+    # The family: the scheme's own, or "skipinit" where its branches start at zero (Fixup).
+    zero = bool(np.all(predict(scheme=scheme, **kwargs, **params).branch.second_moment == 0))
+    assert d.family == ("skipinit" if zero else get_scheme(scheme).family_name), (scheme, str(d))
 
 
 def test_a_newly_registered_scheme_can_be_named():

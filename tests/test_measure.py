@@ -10,6 +10,7 @@ import torch.nn as nn
 import propagation
 from propagation import nets, zoo
 from propagation.empirical import NoMergesError, NonFiniteWarning
+from propagation.schemes import get_scheme, with_networks
 
 # float32 activations, statistics reduced in float32 then averaged in float64: relative error
 # ~ sqrt(n) * 2^-24 for a reduction over n ~ 1e4 values, i.e. < 1e-5.
@@ -351,3 +352,56 @@ def test_the_median_of_exact_zeros_is_zero():
                             backward=False)
     assert np.all(m.branch.log2_second_moment == -np.inf)
     assert np.all(m.branch.second_moment == 0.0)
+
+
+@pytest.mark.parametrize("scheme", with_networks())
+@pytest.mark.parametrize("build", ["mlp", "conv"])
+def test_measured_norms_sit_where_the_theory_puts_them(scheme, build):
+    # Where each reference network's normalisations sit, read from the calls it makes, is
+    # what its scheme's layer maps say: diagnose compares like with like through this.
+    params = get_scheme(scheme).gate[0]
+    torch.manual_seed(0)
+    if build == "mlp":
+        model, x = nets.residual_mlp(6, width=32, scheme=scheme, **params), torch.randn(16, 32)
+    else:
+        model = nets.resnet_v2((2, 2), width=8, scheme=scheme, block="basic", **params)
+        x = torch.randn(4, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = propagation.measure(model, x, backward=False)
+    theory = propagation.predict(**model.theory)
+    assert m.branch_norm == theory.branch_norm, (scheme, m.branch_norm)
+    ident = [l for l in range(1, m.depth) if not m.projection[l]]
+    assert [m.post_norm[l] for l in ident] == [theory.post_norm[l] for l in ident], (
+        scheme, m.post_norm)
+
+
+def test_post_activation_and_hand_written_norms_are_named():
+    # torchvision's relu(out + identity): an activation after the merge, BatchNorm in the
+    # branch; a hand-written RMSNorm module (no norm call, only pow/mean/rsqrt) is a
+    # "layer" norm by its class name; x.to(x.dtype) inside it is no new value.
+    class RMSNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(d))
+
+        def forward(self, x):
+            x = x.to(torch.float32)
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    class PreNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.norm, self.fc = RMSNorm(d), nn.Linear(d, d)
+
+        def forward(self, x):
+            return x + self.fc(self.norm(x))
+
+    torch.manual_seed(0)
+    m = propagation.measure(nn.Sequential(*[PreNorm(16) for _ in range(3)]),
+                            torch.randn(8, 4, 16), channel_axis=-1, backward=False)
+    assert m.branch_norm == ("layer",) * 3 and m.post_norm == ("",) * 3
+    tv = zoo.TVResNet(zoo.TVBasicBlock, (2, 2))
+    m = propagation.measure(tv, torch.randn(4, 3, 32, 32), backward=False)
+    assert set(m.branch_norm) == {"batch"}
+    assert all(m.post_norm[l] == "activation" for l in range(1, m.depth) if not m.projection[l])

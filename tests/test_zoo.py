@@ -2,7 +2,8 @@
 
 For every model: the true number of residual merges (each entry cites the source lines),
 skip and branch the right way round (against hooks on the model's own modules), a name per
-merge, and nothing NaN. The Hugging Face models need the `zoo` extra (transformers).
+merge, nothing NaN, and the family diagnose names. The Hugging Face models need the `zoo`
+extra (transformers).
 """
 import warnings
 
@@ -53,6 +54,10 @@ def check_entry(entry):
         for q in ("second_moment", "squared_mean", "variance"):
             assert not np.isnan(getattr(stats, f"log2_{q}")).any(), (entry.name, part, q)
     assert not np.isnan(m.grad.log2_second_moment).any(), entry.name
+    # diagnose names the family of the network the entry says it is, from where its
+    # normalisations sit and how its statistics grow.
+    d = propagation.diagnose(m)
+    assert d.family == entry.family, (entry.name, d.structure, str(d))
     return m
 
 
