@@ -212,6 +212,85 @@ def predict_table(quick):
         print(f"{name:>13} " + " ".join(f"{c:>18}" for c in cells), flush=True)
 
 
+def zoo_models(quick):
+    """(name, model, inputs, channel axis): a ResNet-50-sized torchvision-style network and
+    the Hugging Face transformers at small but realistic sizes (width 256, 4 layers,
+    sequences of 128 tokens, batch 8), randomly initialised; the transformers need the
+    ``zoo`` extra."""
+    import torch
+    from propagation import zoo
+    torch.manual_seed(0)
+    size, hidden, seq = (32, 64, 32) if quick else (64, 256, 128)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 3, size, size, generator=gen)
+    out = [("resnet50 (tv, 64x64)" if not quick else "resnet50 (tv, 32x32)",
+            zoo.TVResNet(zoo.TVBottleneck, [3, 4, 6, 3], width=64), images, 1)]
+    if not zoo.available():
+        print("  (transformers not installed: the zoo extra adds the transformer rows)")
+        return out
+    import transformers as tf
+    tokens = {"input_ids": torch.randint(0, 1000, (8, seq), generator=gen),
+              "attention_mask": torch.ones(8, seq, dtype=torch.long)}
+    common = dict(num_hidden_layers=4, num_attention_heads=4, vocab_size=1000)
+    out += [
+        ("bert", tf.BertModel(tf.BertConfig(hidden_size=hidden, intermediate_size=4 * hidden,
+                                            **common), add_pooling_layer=False), tokens, -1),
+        ("gpt2", tf.GPT2Model(tf.GPT2Config(n_embd=hidden, n_layer=4, n_head=4, vocab_size=1000,
+                                            n_positions=seq)), tokens, -1),
+        ("llama", tf.LlamaModel(tf.LlamaConfig(hidden_size=hidden, intermediate_size=688 * hidden
+                                               // 256, num_key_value_heads=2, **common)),
+         tokens, -1),
+        ("vit (64 tokens)", tf.ViTModel(tf.ViTConfig(hidden_size=hidden, intermediate_size=4 * hidden,
+                                                     image_size=size, patch_size=size // 8,
+                                                     num_hidden_layers=4, num_attention_heads=4),
+                                        add_pooling_layer=False), images, -1),
+    ]
+    return out
+
+
+def zoo_table(quick, device):
+    """measure / bare forward on real shapes: replay (the search cached), the search itself,
+    and with gradients."""
+    import torch
+    import propagation
+    from propagation import zoo
+    from propagation.empirical import _call, _check_input
+    print(f"\n7. real shapes on {device}: measure / bare pass of the same model, input and "
+          "mode (init: norms on batch statistics, dropout off); median of interleaved pairs")
+    print(f"{'model':>22} {'fwd bare s':>11} {'measure fwd':>12} {'search fwd':>11} "
+          f"{'fwd+bwd bare s':>15} {'measure grad':>13}")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    reps = 3 if quick else 7
+    for name, model, x, axis in zoo_models(quick):
+        model = model.to(device)
+        x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+        zoo.init_mode(model)
+        xx, kw = _check_input(x, model, axis)
+
+        def bare_fwd():
+            with torch.no_grad():
+                _call(model, xx, kw)
+            sync()
+
+        def bare_fwd_bwd():
+            inp = xx.detach().requires_grad_(True) if xx.is_floating_point() else xx
+            out = _call(model, inp, kw)
+            out = out if isinstance(out, torch.Tensor) else out[0]
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(device)
+            torch.autograd.grad((g * out).sum(), [p for p in model.parameters()][:1]
+                                if not inp.requires_grad else [inp], allow_unused=True)
+            sync()
+
+        def run(**kw_):
+            propagation.measure(model, x, channel_axis=axis, **kw_)
+            sync()
+        t_fwd, r_fwd = paired(bare_fwd, lambda: run(backward=False), reps)
+        _, r_search = paired(bare_fwd, lambda: run(backward=False, search="always"), reps)
+        t_fb, r_grad = paired(bare_fwd_bwd, lambda: run(), reps)
+        print(f"{name:>22} {t_fwd:11.4f} {r_fwd:11.3f}x {r_search:10.3f}x {t_fb:15.4f} "
+              f"{r_grad:12.3f}x", flush=True)
+
+
 def make_tables():
     """Table 6: `make test` and a cold `make figures` in a temporary clone of HEAD.
 
@@ -250,6 +329,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     parser.add_argument("--make", action="store_true",
                         help="only table 6: time make test and a cold make figures")
+    parser.add_argument("--zoo", action="store_true", help="only table 7: the real shapes")
+    parser.add_argument("--device", default="cpu", help="device for table 7 (cpu or cuda)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -260,12 +341,18 @@ def main():
 
     import torch
     torch.set_num_threads(1)  # one thread: stable timings on a shared two-core machine
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda"
+                                               and not torch.cuda.is_available()):
+        parser.error(f"--device must be cpu or cuda (with a GPU present), got {args.device!r}")
+    if args.zoo:
+        return zoo_table(args.quick, args.device)
     start = time.perf_counter()
     print("ResNet-V2 basic blocks, batchnorm, train mode, 1 torch thread; sizes as printed "
           "(width, batch, image size; see the module docstring for why)")
     time_tables(args.quick)
     memory_tables(args.quick)
     predict_table(args.quick)
+    zoo_table(args.quick, args.device)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -25,7 +25,7 @@ import math
 import numbers
 import warnings
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -88,6 +88,16 @@ _IN_PLACE_DUNDERS = frozenset(f"__i{op}__" for op in (
     "lshift", "rshift"))
 
 
+def _candidate(func, args, kwargs):
+    """Whether a call is an addition of two same-shape floating tensors: a merge if its
+    branch holds a learned layer (the search decides), counted by the replay."""
+    if func not in _ADDS or len(args) < 2 or (kwargs and kwargs.get("alpha", 1) != 1):
+        return False
+    a, b = args[0], args[1]
+    return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
+            and a.dim() >= 1 and a.is_floating_point() and b.is_floating_point())
+
+
 def _norm_names(bits):
     return "+".join(k for i, k in enumerate(_NORM_KINDS) if bits >> i & 1)
 
@@ -109,7 +119,7 @@ def measure(model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
             inputs: Union[Tensor, Sequence[Tensor], Callable[[int], Tensor]], *, seeds: int = 1,
             loss: Optional[Callable[[Any], Tensor]] = None, backward: bool = True,
             channel_axis: int = 1, mode: str = "init", dtype: Optional[torch.dtype] = None,
-            blocks: Any = None, progress: Optional[bool] = None) -> Profile:
+            blocks: Any = None, progress: Optional[bool] = None, search: str = "auto") -> Profile:
     """Measure per-block signal propagation in a PyTorch network at its current weights.
 
     Args:
@@ -140,6 +150,12 @@ def measure(model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
             path and the merge; used instead of the automatic search.
         progress: show a progress bar over samples (default: when there are several and
             stderr is a terminal).
+        search: "auto" (default): the first pass over a model (per mode, input shape and
+            dtype) searches for merges under the call graph; later passes (the other seeds,
+            the next call on the same model, models with the same module names) replay that
+            search with hooks on the merges' owner modules only, at close to the cost of a
+            bare forward, and search again when the merges they see differ. "always":
+            search every pass (the reference the replay is tested against).
 
     Returns:
         A :class:`Profile` with ``source="measurement"``: ``skip`` (merges + 1,), ``branch``,
@@ -161,6 +177,7 @@ def measure(model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}")
     matcher = _block_matcher(blocks)
+    _checks.choice("search", search, ("auto", "always"))
     get_input = _input_source(inputs)
     n = max(seeds, len(models), len(inputs) if isinstance(inputs, (list, tuple)) else 1)
 
@@ -171,9 +188,10 @@ def measure(model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
     if progress:
         from tqdm.auto import tqdm
         iterator = tqdm(iterator, desc="measure", unit="seed")
+    plans: dict = {}  # one search per kind of pass, replayed on every sample
     for i in iterator:
         samples.append(_measure_one(models[i % len(models)], get_input(i), i, loss, backward,
-                                    channel_axis, mode, dtype, matcher))
+                                    channel_axis, mode, dtype, matcher, plans, search))
     depths = {s.depth for s in samples}
     if len(depths) > 1:
         raise ValueError(f"the number of residual merges differs between samples: "
@@ -191,7 +209,8 @@ def measure(model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
 
 # --- one forward (+ backward) pass -----------------------------------------------------------
 
-def _measure_one(model, x, seed, loss, backward, channel_axis, mode, dtype, matcher):
+def _measure_one(model, x, seed, loss, backward, channel_axis, mode, dtype, matcher,
+                 plans=None, search="auto"):
     work = model
     param = next(iter(model.parameters()), None)
     if dtype is not None and param is not None and param.dtype != dtype:
@@ -204,12 +223,38 @@ def _measure_one(model, x, seed, loss, backward, channel_axis, mode, dtype, matc
         if backward and x.is_floating_point():
             x = x.detach().requires_grad_(True)
         readouts = ["loss"] if loss is not None else ["output", "last merge"] if backward else [None]
+        # A search found earlier for this kind of pass is replayed (hooks on the merges'
+        # owner modules only), and searched again if the merges it finds differ.
+        key = (mode, backward, str(dtype), tuple(x.shape), x.dtype,
+               None if kwargs is None else (kwargs[0], tuple(sorted(kwargs[1]))))
+        cached = _PLANS.get(model, {}) if search == "auto" else {}
+        sites = (plans or {}).get(key, cached.get(key)) if matcher is None and search == "auto" \
+            else None
         for readout in readouts:
             recorder = _Recorder(channel_axis)
             with grad_ctx:
                 try:
-                    with _search(work, recorder, matcher):
-                        out = _call(work, x, kwargs)
+                    if sites is not None:
+                        with _replay(work, recorder, sites) as seen:
+                            out = _call(work, x, kwargs)
+                        if seen != list(range(len(sites))):  # the structure changed
+                            recorder.release()
+                            sites, recorder, out = None, _Recorder(channel_axis), None
+                    if sites is None:
+                        with _search(work, recorder, matcher) as finder:
+                            out = _call(work, x, kwargs)
+                        if (matcher is None and recorder.merges
+                                and None not in finder.sites and len(finder.sites) == recorder.merges):
+                            sites = tuple(replace(site, chained=chained) for site, chained
+                                          in zip(finder.sites, finder.chained))
+                            if plans is not None:
+                                plans[key] = sites
+                            if search == "auto":
+                                try:
+                                    _PLANS.setdefault(model, {})[key] = sites
+                                except TypeError:  # a model that cannot be weakly referenced
+                                    pass
+                        del finder
                 except Exception as err:
                     err.add_note(f"(raised by the model's forward pass inside propagation.measure, "
                                  f"on inputs of shape {tuple(x.shape)} and dtype {x.dtype}; the "
@@ -352,10 +397,15 @@ class _WeakIds:
 def _channel_stats(t, channel_axis):
     """(second moment, squared mean, variance) averaged over channels, as a float64 tensor.
 
-    Two passes over a (batch, channel, rest) view: the channel means, then the mean squared
-    deviation from them. Centring first keeps the variance exact when it is a small
-    remainder of the second moment (rho -> 1), and reducing the contiguous last axis first
-    is several times faster on CPU than torch.var_mean over (0, 2, 3).
+    Two reading passes without a temporary: the channel means, and the norms of the rows of
+    the contiguous last axis (per example and channel for (batch, channel, positions)
+    tensors, per position for channel-last ones), several times faster on CPU than
+    torch.var_mean over (0, 2, 3); the rest is float64 arithmetic on the small results. The variance is then q - m^2, whose
+    float32 row sums carry a relative error of about 1e-6 of q: where the variance is less
+    than 2^-7 of the second moment (correlations rho -> 1) that would be over 1e-4 of the
+    variance, and the exact centred two-pass form is used instead (_channel_stats_centred).
+    Other layouts (a channel axis in the middle of a sequence, non-contiguous tensors) take
+    the centred form too.
     """
     t = t.detach()
     if t.dim() < 2:
@@ -363,6 +413,37 @@ def _channel_stats(t, channel_axis):
         axis = 1
     else:
         axis = channel_axis % t.dim()
+    if not t.is_contiguous() or (axis != t.dim() - 1 and (axis != 1 or t.dim() < 3)):
+        return _channel_stats_centred(t, axis)
+    if axis == 1:  # channel means along positions, then examples
+        mean = t.reshape(t.shape[0], t.shape[1], -1).mean(dim=-1).double().mean(dim=0)
+    else:  # channels last: the channel means reduce the rows
+        mean = t.reshape(-1, t.shape[-1]).mean(dim=0).double()
+    q = torch.tensor(_second_moment(t), dtype=torch.float64)
+    sq = mean.square().mean()
+    var = q - sq
+    if not var >= q * 2.0 ** -7:  # cancellation (or not finite): the exact form
+        return _channel_stats_centred(t, axis)
+    return torch.stack((q, sq, var))
+
+
+def _second_moment(t):
+    """The mean of t^2 (a float), in one pass: norms of rows of 256 to 1024 contiguous
+    entries (float32 sums of that length err by ~1e-9 relative), summed in float64, so that
+    the error does not grow with the tensor's size (one float32 norm of 3e7 entries was off
+    by 2e-4). Rows that long are also the fastest on CPU."""
+    t = t.detach().reshape(-1)
+    n = t.numel()
+    length = math.gcd(n, 1024)
+    if length < 256:  # sizes with few factors of 2: rows of the largest divisor up to 1024
+        length = next((k for k in range(1024, 0, -1) if n % k == 0), 1)
+    v = t.reshape(-1, length)
+    return float(torch.linalg.vector_norm(v, dim=-1).double().square_().sum() / n)
+
+
+def _channel_stats_centred(t, axis):
+    """_channel_stats in two passes: the channel means, then the mean squared deviation from
+    them; exact when the variance is a small remainder of the second moment."""
     if axis != 1:
         t = t.movedim(axis, 1)
     v = t.reshape(t.shape[0], t.shape[1], -1)
@@ -421,14 +502,17 @@ class _Recorder:
         return self.stats(x) + [x.numel() / _channels(x, self.channel_axis)]
 
     def record(self, skip, skip_stats, branch_stats, total, projection, name="",
-               input_stats=None, norms=("", "")):
+               input_stats=None, norms=("", ""), full_sum=True):
         """Record one merge; ``total`` is the sum tensor or, already measured, a tuple
-        (statistics, the tensor)."""
+        (statistics, the tensor). ``full_sum=False``: only the sum's second moment is needed
+        (it is not the next skip operand, nor the last merge): one pass instead of two."""
         k = self.merges
         if isinstance(total, tuple):
             total_stats, total = total
-        else:
+        elif full_sum:
             total_stats = self.stats(total)
+        else:
+            total_stats = [_second_moment(total), math.nan, math.nan]
         self._append(skip_stats, branch_stats, total_stats, projection, skip.numel(),
                      total.numel(), _channels(total, self.channel_axis), name,
                      [math.nan] * 4 if input_stats is None else input_stats, norms)
@@ -509,7 +593,7 @@ class _Recorder:
         # merge sums tell (the sum of merge l is skip position l + 1).
         missing = np.append(np.isnan(stats[:, 0]).all(axis=1), False)
         finite = np.isfinite(skip).all(axis=1) | missing
-        finite[1:] &= np.isfinite(stats[:, 2]).all(axis=1)
+        finite[1:] &= np.isfinite(stats[:, 2, 0])  # the sums' second moments (all a replay has)
         first_bad = None if finite.all() else int(np.argmin(finite))
         if first_bad is not None:
             warnings.warn(f"activations are not finite from skip-path position {first_bad} on "
@@ -569,6 +653,12 @@ class _MergeFinder(TorchFunctionMode):
         # block's list in ``held``, to be chosen from when the block exits.
         self.sink = recorder.record
         self.held = []
+        # Where each merge sat, for replays without the call graph (_replay): per merge a
+        # Site; per module name, how many times it has been called in this pass.
+        self.sites = []
+        self.calls = {}
+        self.chained = []     # per merge: its sum is the next merge's skip operand, unchanged
+        self._prev_sum = None  # (weak ref, version) of the last merge's sum
 
     def hold(self, skip, skip_stats, branch_stats, total, projection, name, input_stats,
              norms):
@@ -580,23 +670,26 @@ class _MergeFinder(TorchFunctionMode):
 
     def enter(self, name, args, kwargs, norm=0):
         x = _first_tensor_arg(args, kwargs)
+        call = self.calls.get(name, 0)
+        self.calls[name] = call + 1
+        # [name, node of x, x, norm bit, call index, candidate adds so far in this call]
         if x is None:
-            self.stack.append((name, -1, None, norm))
+            self.stack.append([name, -1, None, norm, call, 0])
         else:  # the module's own arguments keep x alive until it returns and leaves
-            self.stack.append((name, self._node(x), x, norm))
+            self.stack.append([name, self._node(x), x, norm, call, 0])
 
     def leave(self):
         if self.stack:
             self.stack.pop()
 
     def owner(self, ancestor):
-        """(name, input tensor) of the innermost running module whose input is ``ancestor``
-        or one of its ancestors: the residual block that contains the merge whose operands
-        meet at ``ancestor``. ("", None) when no running module's input qualifies."""
-        for name, node, x, _ in reversed(self.stack):
-            if node >= 0 and self._descends(ancestor, node):
-                return name, x
-        return "", None
+        """The stack entry of the innermost running module whose input is ``ancestor`` or
+        one of its ancestors: the residual block that contains the merge whose operands
+        meet at ``ancestor``; None when no running module's input qualifies."""
+        for entry in reversed(self.stack):
+            if entry[1] >= 0 and self._descends(ancestor, entry[1]):
+                return entry
+        return None
 
     def _descends(self, node, ancestor, limit=10_000):
         """Whether ``ancestor`` is ``node`` or one of its ancestors (parents are older, so
@@ -637,13 +730,22 @@ class _MergeFinder(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         merge = None
-        if func in _ADDS and len(args) >= 2 and kwargs.get("alpha", 1) == 1:
+        if _candidate(func, args, kwargs):
+            for entry in self.stack:
+                entry[5] += 1
             merge = self._merge_operands(args[0], args[1])
             if merge is not None:
                 skip, branch, projection, ancestor, norms = merge
                 # Operand statistics before the call: an in-place add overwrites one of them.
                 pre = (self.recorder.stats(skip), self.recorder.stats(branch))
-                name, x = self.owner(ancestor)
+                prev = self._prev_sum
+                if self.chained:
+                    self.chained[-1] = (prev is not None and prev[0]() is skip
+                                        and prev[1] == skip._version)
+                entry = self.owner(ancestor)
+                name, x = ("", None) if entry is None else (entry[0], entry[2])
+                self.sites.append(None if entry is None else _Site(
+                    entry[0], entry[4], entry[5] - 1, skip is args[0], projection, norms))
                 if not projection:  # an identity shortcut: the block input is the skip operand
                     x = skip
                 block = (name, None if x is None else self.recorder.input_stats(x), norms)
@@ -683,13 +785,11 @@ class _MergeFinder(TorchFunctionMode):
         if merge is not None:
             self.last_sum = len(self.offsets) - 2
             self.sink(skip, pre[0], pre[1], out, projection, *block)
+            self.chained.append(False)
+            self._prev_sum = (weakref.ref(out), out._version) if isinstance(out, Tensor) else None
         return out
 
     def _merge_operands(self, a, b):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return None
-        if a.shape != b.shape or not a.is_floating_point() or not b.is_floating_point() or a.dim() < 1:
-            return None
         na, nb = self._node(a), self._node(b)
         found = self._latest_common_ancestor(na, nb)
         if found is None:
@@ -830,7 +930,104 @@ def _search(model, recorder, matcher):
     try:
         with finder:
             # The input and the parameters are roots of the graph.
-            yield
+            yield finder
+    finally:
+        for h in handles:
+            h.remove()
+    recorder.finish_forward()
+
+
+# --- replaying a search ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Site:
+    """Where the search found a merge, in terms a replay can see without the call graph: the
+    ``ordinal``-th candidate addition (see _candidate; nested calls included) during call
+    number ``call`` of the module ``owner``, with the skip operand first or second."""
+
+    owner: str
+    call: int
+    ordinal: int
+    skip_first: bool
+    projection: bool
+    norms: tuple
+    chained: bool = False  # its sum is the next skip operand (whose statistics it then needs)
+
+
+#: Searches to replay: model -> {pass key -> tuple of _Site}. Weak: a model's plans go with it.
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class _SiteMode(TorchFunctionMode):
+    """Active only while one owner module runs: counts the candidate additions and records
+    the ones the search found to be merges. Every other call passes straight through."""
+
+    def __init__(self, recorder, sites, targets, seen, x):
+        super().__init__()
+        self.recorder, self.sites, self.targets, self.seen, self.x = (
+            recorder, sites, targets, seen, x)
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
+        if func in _ADDS and _candidate(func, args, kwargs):
+            k = self.count
+            self.count = k + 1
+            index = self.targets.get(k)
+            if index is not None:
+                site = self.sites[index]
+                skip, branch = (args[0], args[1]) if site.skip_first else (args[1], args[0])
+                rec = self.recorder
+                pre = (rec.stats(skip), rec.stats(branch))  # before an in-place add
+                x = self.x if site.projection else skip
+                inputs = None if x is None else rec.input_stats(x)
+                out = func(*args, **kwargs)
+                rec.record(skip, pre[0], pre[1], out, site.projection, site.owner, inputs,
+                           site.norms, full_sum=site.chained or index == len(self.sites) - 1)
+                self.seen.append(index)
+                return out
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _replay(model, recorder, sites):
+    """Measure the merges at ``sites`` with hooks on their owner modules only: each owner
+    call that holds a merge runs under a _SiteMode, the rest of the network runs bare.
+    Yields the list of merge indices in the order they were recorded (the caller checks it
+    against the sites: a model whose structure changed is searched again)."""
+    by_owner = {}
+    for k, site in enumerate(sites):
+        by_owner.setdefault(site.owner, {}).setdefault(site.call, {})[site.ordinal] = k
+    modules = dict(model.named_modules())
+    seen = []
+    handles = []
+    try:
+        for name, calls in by_owner.items():
+            module = modules.get(name)
+            if module is None:
+                seen.append(-1)  # the structure changed: the caller searches again
+                continue
+            state = {"call": 0, "modes": []}
+
+            def pre(module, args, calls=calls, state=state):
+                call = state["call"]
+                state["call"] = call + 1
+                targets = calls.get(call)
+                mode = None
+                if targets is not None:
+                    mode = _SiteMode(recorder, sites, targets, seen, _first_tensor_arg(args, {}))
+                    mode.__enter__()
+                state["modes"].append(mode)
+
+            def post(module, args, out, state=state):
+                mode = state["modes"].pop() if state["modes"] else None
+                if mode is not None:
+                    mode.__exit__(None, None, None)
+
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post, always_call=True))
+        yield seen
     finally:
         for h in handles:
             h.remove()
