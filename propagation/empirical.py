@@ -395,17 +395,18 @@ class _WeakIds:
 
 
 def _channel_stats(t, channel_axis):
-    """(second moment, squared mean, variance) averaged over channels, as a float64 tensor.
+    """[second moment, squared mean, variance] averaged over channels, as Python floats.
 
-    Two reading passes without a temporary: the channel means, and the norms of the rows of
-    the contiguous last axis (per example and channel for (batch, channel, positions)
-    tensors, per position for channel-last ones), several times faster on CPU than
-    torch.var_mean over (0, 2, 3); the rest is float64 arithmetic on the small results. The variance is then q - m^2, whose
-    float32 row sums carry a relative error of about 1e-6 of q: where the variance is less
-    than 2^-7 of the second moment (correlations rho -> 1) that would be over 1e-4 of the
-    variance, and the exact centred two-pass form is used instead (_channel_stats_centred).
-    Other layouts (a channel axis in the middle of a sequence, non-contiguous tensors) take
-    the centred form too.
+    Two reading passes without a temporary: the channel means, and the norms of rows of
+    256 to 1024 contiguous entries (_second_moment); several times faster on CPU than
+    torch.var_mean over (0, 2, 3), and few calls (a few microseconds each), which is what
+    small tensors cost. The small results are reduced in float64 with numpy. The variance is
+    then q - m^2: q carries a relative error of a few float32 roundings (<= 4 x 2^-24) from
+    its float32 rows, which is q / variance times larger in the variance; where the variance
+    is less than 2^-5 of the second moment (correlations rho -> 1) the exact centred
+    two-pass form is used instead (_channel_stats_centred), so that the variance stays
+    within 32 x 4 x 2^-24 < 1e-5 relative. Other layouts (a channel
+    axis inside a sequence, non-contiguous tensors) take the centred form too.
     """
     t = t.detach()
     if t.dim() < 2:
@@ -416,29 +417,41 @@ def _channel_stats(t, channel_axis):
     if not t.is_contiguous() or (axis != t.dim() - 1 and (axis != 1 or t.dim() < 3)):
         return _channel_stats_centred(t, axis)
     if axis == 1:  # channel means along positions, then examples
-        mean = t.reshape(t.shape[0], t.shape[1], -1).mean(dim=-1).double().mean(dim=0)
+        mean = t.reshape(t.shape[0], t.shape[1], -1).mean(dim=-1)
+        mean = _numpy(mean).mean(axis=0)
     else:  # channels last: the channel means reduce the rows
-        mean = t.reshape(-1, t.shape[-1]).mean(dim=0).double()
-    q = torch.tensor(_second_moment(t), dtype=torch.float64)
-    sq = mean.square().mean()
+        mean = _numpy(t.reshape(-1, t.shape[-1]).mean(dim=0))
+    q = _second_moment(t)
+    sq = float(np.dot(mean, mean)) / mean.size
     var = q - sq
-    if not var >= q * 2.0 ** -7:  # cancellation (or not finite): the exact form
+    if not var >= q * 2.0 ** -5:  # cancellation (or not finite): the exact form
         return _channel_stats_centred(t, axis)
-    return torch.stack((q, sq, var))
+    return [q, sq, var]
+
+
+def _numpy(t):
+    """A small torch tensor as a float64 numpy array."""
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+_ROWS: dict = {}  # numel -> row length for _second_moment
 
 
 def _second_moment(t):
     """The mean of t^2 (a float), in one pass: norms of rows of 256 to 1024 contiguous
-    entries (float32 sums of that length err by ~1e-9 relative), summed in float64, so that
-    the error does not grow with the tensor's size (one float32 norm of 3e7 entries was off
-    by 2e-4). Rows that long are also the fastest on CPU."""
+    entries (each off by a few float32 roundings), summed in float64, so that the error does
+    not grow with the tensor's size (one float32 norm of 3e7 entries was off by 2e-4). Rows
+    that long are also the fastest on CPU."""
     t = t.detach().reshape(-1)
     n = t.numel()
-    length = math.gcd(n, 1024)
-    if length < 256:  # sizes with few factors of 2: rows of the largest divisor up to 1024
-        length = next((k for k in range(1024, 0, -1) if n % k == 0), 1)
-    v = t.reshape(-1, length)
-    return float(torch.linalg.vector_norm(v, dim=-1).double().square_().sum() / n)
+    length = _ROWS.get(n)
+    if length is None:
+        length = math.gcd(n, 1024)
+        if length < 256:  # sizes with few factors of 2: the largest divisor up to 1024
+            length = next((k for k in range(1024, 0, -1) if n % k == 0), 1)
+        _ROWS[n] = length
+    norms = _numpy(torch.linalg.vector_norm(t.reshape(-1, length), dim=-1))
+    return float(np.dot(norms, norms)) / n
 
 
 def _channel_stats_centred(t, axis):
@@ -448,10 +461,10 @@ def _channel_stats_centred(t, axis):
         t = t.movedim(axis, 1)
     v = t.reshape(t.shape[0], t.shape[1], -1)
     mean = v.mean(dim=-1).mean(dim=0)  # equal group sizes: the exact channel mean
-    var = (v - mean[None, :, None]).square_().mean(dim=-1).mean(dim=0)
-    sq = (mean.double() ** 2).mean()
-    var = var.double().mean()
-    return torch.stack((sq + var, sq, var))
+    var = float(_numpy((v - mean[None, :, None]).square_().mean(dim=-1).mean(dim=0)).mean())
+    m = _numpy(mean)
+    sq = float(np.dot(m, m)) / m.size
+    return [sq + var, sq, var]
 
 
 def _channels(t, channel_axis):
@@ -491,7 +504,7 @@ class _Recorder:
         for ref, v, out in self._recent:
             if v == version and ref() is t:
                 return out
-        out = _channel_stats(t, self.channel_axis).tolist()
+        out = _channel_stats(t, self.channel_axis)
         self._recent.append((weakref.ref(t), version, out))
         if len(self._recent) > self.RECENT:
             del self._recent[0]
@@ -522,7 +535,7 @@ class _Recorder:
 
     def record_missing_skip(self, total, name=""):
         nan = [math.nan] * 3
-        self._append(nan, nan, _channel_stats(total, self.channel_axis).tolist(), True,
+        self._append(nan, nan, _channel_stats(total, self.channel_axis), True,
                      total.numel(), total.numel(), _channels(total, self.channel_axis), name,
                      nan + [math.nan], ("", ""))
         self._last_sum = total
@@ -546,7 +559,7 @@ class _Recorder:
         self._hooked.set(t, k)
 
         def hook(grad, k=k):
-            self.grads[k] = _channel_stats(grad, self.channel_axis).tolist()
+            self.grads[k] = _channel_stats(grad, self.channel_axis)
         self._handles.append(t.register_hook(hook))
 
     def grad_targets(self):
@@ -556,7 +569,7 @@ class _Recorder:
         t = self._last_sum
         if t is not None and torch.is_grad_enabled() and t.requires_grad:
             def hook(grad):
-                self.grads[-1] = _channel_stats(grad, self.channel_axis).tolist()
+                self.grads[-1] = _channel_stats(grad, self.channel_axis)
             self._handles.append(t.register_hook(hook))
             self.last_sum = t  # the read-out of last resort, until release()
         self._last_sum = None
@@ -672,11 +685,12 @@ class _MergeFinder(TorchFunctionMode):
         x = _first_tensor_arg(args, kwargs)
         call = self.calls.get(name, 0)
         self.calls[name] = call + 1
-        # [name, node of x, x, norm bit, call index, candidate adds so far in this call]
+        # [name, node of x, x, norm bit, call index, candidate adds so far in this call,
+        #  of those the ones made by its own code (no submodule running)]
         if x is None:
-            self.stack.append([name, -1, None, norm, call, 0])
+            self.stack.append([name, -1, None, norm, call, 0, 0])
         else:  # the module's own arguments keep x alive until it returns and leaves
-            self.stack.append([name, self._node(x), x, norm, call, 0])
+            self.stack.append([name, self._node(x), x, norm, call, 0, 0])
 
     def leave(self):
         if self.stack:
@@ -733,6 +747,8 @@ class _MergeFinder(TorchFunctionMode):
         if _candidate(func, args, kwargs):
             for entry in self.stack:
                 entry[5] += 1
+            if self.stack:
+                self.stack[-1][6] += 1
             merge = self._merge_operands(args[0], args[1])
             if merge is not None:
                 skip, branch, projection, ancestor, norms = merge
@@ -744,8 +760,10 @@ class _MergeFinder(TorchFunctionMode):
                                         and prev[1] == skip._version)
                 entry = self.owner(ancestor)
                 name, x = ("", None) if entry is None else (entry[0], entry[2])
+                direct = entry is not None and entry is self.stack[-1]
                 self.sites.append(None if entry is None else _Site(
-                    entry[0], entry[4], entry[5] - 1, skip is args[0], projection, norms))
+                    entry[0], entry[4], entry[6 if direct else 5] - 1, skip is args[0],
+                    projection, norms, direct=direct))
                 if not projection:  # an identity shortcut: the block input is the skip operand
                     x = skip
                 block = (name, None if x is None else self.recorder.input_stats(x), norms)
@@ -952,35 +970,69 @@ class _Site:
     projection: bool
     norms: tuple
     chained: bool = False  # its sum is the next skip operand (whose statistics it then needs)
+    direct: bool = False  # made by the owner's own code: ``ordinal`` counts only those
 
 
 #: Searches to replay: model -> {pass key -> tuple of _Site}. Weak: a model's plans go with it.
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-class _SiteMode(TorchFunctionMode):
-    """Active only while one owner module runs: counts the candidate additions and records
-    the ones the search found to be merges. Every other call passes straight through."""
+class _Frame:
+    """One running module call in a replay: the merges expected in it ({ordinal: merge
+    index}, None for a module that only marks that its owner is not running its own code),
+    whether they count only the owner's own additions, the additions counted so far, and the
+    call's first tensor input (a projection block's input)."""
 
-    def __init__(self, recorder, sites, targets, seen, x):
+    __slots__ = ("targets", "direct", "count", "x")
+
+    def __init__(self, targets, direct, x):
+        self.targets, self.direct, self.count, self.x = targets, direct, 0, x
+
+
+class _ReplayMode(TorchFunctionMode):
+    """Counts candidate additions where the search found merges and records those; it is on
+    only while an owner that needs it runs (an owner whose merges its own code makes: while
+    no submodule of it runs), so the rest of the network runs bare."""
+
+    def __init__(self, recorder, sites, seen):
         super().__init__()
-        self.recorder, self.sites, self.targets, self.seen, self.x = (
-            recorder, sites, targets, seen, x)
-        self.count = 0
+        self.recorder, self.sites, self.seen = recorder, sites, seen
+        self.frames = []
+        self.active = False
+
+    def sync(self):
+        """Switch the mode on or off after a module call starts or ends."""
+        frames = self.frames
+        need = bool(frames) and frames[-1].targets is not None or any(
+            f.targets is not None and not f.direct for f in frames)
+        if need and not self.active:
+            self.__enter__()
+            self.active = True
+        elif not need and self.active:
+            self.__exit__(None, None, None)
+            self.active = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
         if func in _ADDS and _candidate(func, args, kwargs):
-            k = self.count
-            self.count = k + 1
-            index = self.targets.get(k)
-            if index is not None:
+            hit = None
+            last = len(self.frames) - 1
+            for i, frame in enumerate(self.frames):
+                if frame.targets is None or (frame.direct and i != last):
+                    continue
+                k = frame.count
+                frame.count = k + 1
+                index = frame.targets.get(k)
+                if index is not None:
+                    hit = (index, frame)
+            if hit is not None:
+                index, frame = hit
                 site = self.sites[index]
                 skip, branch = (args[0], args[1]) if site.skip_first else (args[1], args[0])
                 rec = self.recorder
                 pre = (rec.stats(skip), rec.stats(branch))  # before an in-place add
-                x = self.x if site.projection else skip
+                x = frame.x if site.projection else skip
                 inputs = None if x is None else rec.input_stats(x)
                 out = func(*args, **kwargs)
                 rec.record(skip, pre[0], pre[1], out, site.projection, site.owner, inputs,
@@ -992,45 +1044,68 @@ class _SiteMode(TorchFunctionMode):
 
 @contextlib.contextmanager
 def _replay(model, recorder, sites):
-    """Measure the merges at ``sites`` with hooks on their owner modules only: each owner
-    call that holds a merge runs under a _SiteMode, the rest of the network runs bare.
-    Yields the list of merge indices in the order they were recorded (the caller checks it
-    against the sites: a model whose structure changed is searched again)."""
+    """Measure the merges at ``sites`` with hooks on their owner modules (and, for owners
+    whose own code makes the merge, on their submodules, to know when the owner's own code
+    runs) and a _ReplayMode that is on only while it is needed. Yields the list of merge
+    indices in the order they were recorded (the caller checks it against the sites: a
+    model whose structure changed is searched again)."""
     by_owner = {}
     for k, site in enumerate(sites):
         by_owner.setdefault(site.owner, {}).setdefault(site.call, {})[site.ordinal] = k
+    direct = {}
+    for site in sites:
+        direct[site.owner] = direct.get(site.owner, True) and site.direct
     modules = dict(model.named_modules())
     seen = []
+    mode = _ReplayMode(recorder, sites, seen)
+    frames = mode.frames
     handles = []
+
+    def owner_hooks(calls, is_direct):
+        counter = [0]
+
+        def pre(module, args):
+            call = counter[0]
+            counter[0] = call + 1
+            targets = calls.get(call)
+            frames.append(_Frame(targets, is_direct, _first_tensor_arg(args, {})
+                                 if targets is not None else None))
+            mode.sync()
+        return pre
+
+    def plain_pre(module, args):
+        frames.append(_Frame(None, False, None))
+        mode.sync()
+
+    def post(module, args, out):
+        if frames:
+            frames.pop()
+        mode.sync()
+
     try:
+        marked = set()
         for name, calls in by_owner.items():
             module = modules.get(name)
             if module is None:
                 seen.append(-1)  # the structure changed: the caller searches again
                 continue
-            state = {"call": 0, "modes": []}
-
-            def pre(module, args, calls=calls, state=state):
-                call = state["call"]
-                state["call"] = call + 1
-                targets = calls.get(call)
-                mode = None
-                if targets is not None:
-                    mode = _SiteMode(recorder, sites, targets, seen, _first_tensor_arg(args, {}))
-                    mode.__enter__()
-                state["modes"].append(mode)
-
-            def post(module, args, out, state=state):
-                mode = state["modes"].pop() if state["modes"] else None
-                if mode is not None:
-                    mode.__exit__(None, None, None)
-
-            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_pre_hook(owner_hooks(calls, direct[name])))
+            handles.append(module.register_forward_hook(post, always_call=True))
+            marked.add(id(module))
+        for name, module in modules.items():  # the submodules of owners with direct merges
+            if id(module) in marked or not any(
+                    direct[o] and (o == "" or name.startswith(o + ".")) for o in by_owner):
+                continue
+            marked.add(id(module))
+            handles.append(module.register_forward_pre_hook(plain_pre))
             handles.append(module.register_forward_hook(post, always_call=True))
         yield seen
     finally:
         for h in handles:
             h.remove()
+        if mode.active:
+            mode.__exit__(None, None, None)
+            mode.active = False
     recorder.finish_forward()
 
 
@@ -1044,7 +1119,7 @@ def _block_hook(finder, name):
             return None
         if isinstance(x, torch.Tensor) and x.shape == output.shape:
             with torch.no_grad():
-                branch = _channel_stats(output - x, recorder.channel_axis).tolist()
+                branch = _channel_stats(output - x, recorder.channel_axis)
             recorder.record(x, recorder.stats(x), branch, output, projection=False, name=name,
                             input_stats=recorder.input_stats(x),
                             norms=held[-1][-1] if held else ("", ""))

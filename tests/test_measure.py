@@ -405,3 +405,109 @@ def test_post_activation_and_hand_written_norms_are_named():
     m = propagation.measure(tv, torch.randn(4, 3, 32, 32), backward=False)
     assert set(m.branch_norm) == {"batch"}
     assert all(m.post_norm[l] == "activation" for l in range(1, m.depth) if not m.projection[l])
+
+
+def _replay_cases():
+    torch.manual_seed(0)
+    yield "mlp", nets.residual_mlp(5, width=16, scheme="layernorm"), torch.randn(16, 16), 1
+    yield "conv", nets.resnet_v2((2, 2), width=8, scheme="batchnorm", block="basic"), \
+        torch.randn(4, 3, 16, 16), 1
+    yield "tv", zoo.TVResNet(zoo.TVBottleneck, [1, 2]), torch.randn(4, 3, 16, 16), 1
+    yield "mbconv", zoo.entry("efficientnet").build(), \
+        zoo.entry("efficientnet").inputs(0), 1
+    yield "encoder", zoo.entry("torch_encoder").build(), \
+        zoo.entry("torch_encoder").inputs(0), -1
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_a_replayed_search_measures_what_the_search_does(backward, monkeypatch):
+    from propagation import empirical
+    searches = []
+    search = empirical._search
+
+    def counted(*args):
+        searches.append(1)
+        return search(*args)
+    monkeypatch.setattr(empirical, "_search", counted)
+    for name, model, x, axis in _replay_cases():
+        searches.clear()
+        ref = propagation.measure(model, x, channel_axis=axis, backward=backward,
+                                  search="always")
+        first = propagation.measure(model, x, channel_axis=axis, backward=backward)
+        again = propagation.measure(model, x, channel_axis=axis, backward=backward)
+        # One search for "always", one for the first auto pass; the second is a replay.
+        assert len(searches) == 2, name
+        for got in (first, again):
+            assert got.names == ref.names and got.branch_norm == ref.branch_norm
+            assert got.post_norm == ref.post_norm
+            np.testing.assert_array_equal(got.projection, ref.projection)
+            for part in ("skip", "branch", "grad", "block_input"):
+                for q in ("log2_second_moment", "log2_squared_mean", "log2_variance"):
+                    # The same tensors: equal, up to the float32 rounding (2^-24 relative,
+                    # 2e-7 in log2) of a different kernel that torch may pick for an op
+                    # while a TorchFunctionMode is on (nn.MultiheadAttention's fast path).
+                    np.testing.assert_allclose(getattr(getattr(got, part), q),
+                                               getattr(getattr(ref, part), q), rtol=0,
+                                               atol=1e-6, err_msg=f"{name} {part} {q}")
+
+
+def test_a_changed_structure_is_searched_again():
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([MLPBlock(8, norm=False) for _ in range(4)])
+            self.skip_two = False
+
+        def forward(self, x):
+            for i, b in enumerate(self.blocks):
+                if not (self.skip_two and i in (1, 2)):
+                    x = b(x)
+            return x
+    torch.manual_seed(0)
+    model, x = Gated(), torch.randn(16, 8)
+    assert propagation.measure(model, x, backward=False).depth == 4
+    model.skip_two = True  # same modules, two fewer merges: the replay sees it and searches
+    got = propagation.measure(model, x, backward=False)
+    ref = propagation.measure(model, x, backward=False, search="always")
+    assert got.depth == ref.depth == 2 and got.names == ref.names
+
+
+def test_a_replay_that_raises_leaves_no_mode_and_no_hook():
+    class Flaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(*[MLPBlock(8, norm=False) for _ in range(3)])
+            self.fail = False
+
+        def forward(self, x):
+            x = self.blocks[0](x)
+            if self.fail:
+                raise RuntimeError("boom")
+            return self.blocks[2](self.blocks[1](x))
+    torch.manual_seed(0)
+    model, x = Flaky(), torch.randn(16, 8)
+    propagation.measure(model, x, backward=False)
+    model.fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        propagation.measure(model, x, backward=False)
+    assert torch._C._len_torch_function_stack() == 0
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+@pytest.mark.parametrize("shape, axis", [((8, 64, 16, 16), 1), ((8, 2048, 2, 2), 1),
+                                         ((8, 32, 96), -1), ((7, 13, 11), 1), ((6, 5), 1)])
+@pytest.mark.parametrize("offset", [0.0, 3.0, 100.0], ids=["rho0", "rho0.9", "rho1"])
+def test_channel_statistics_keep_float32_precision(shape, axis, offset):
+    # Against the same float32 values reduced exactly in float64: the fast path's float32
+    # row norms of <= 1024 entries err by a few roundings (<= 4 x 2^-24) relative of q, which
+    # is at most 32 times that in the variance at its switch-over (variance >= 2^-5 q):
+    # < 8e-6; past it (offset 100: rho = 1 - 1e-4) the centred form is exact to the float32
+    # rounding of the means. 1e-5 relative covers both.
+    from propagation.empirical import _channel_stats, _channel_stats_centred
+    torch.manual_seed(0)
+    a = axis % len(shape)
+    t = torch.randn(shape) + offset * torch.randn(shape[a]).reshape(
+        [-1 if i == a else 1 for i in range(len(shape))])
+    exact = _channel_stats_centred(t.double(), a)
+    np.testing.assert_allclose(_channel_stats(t, axis), exact, rtol=1e-5)
