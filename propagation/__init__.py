@@ -15,7 +15,7 @@ _LAZY = {"measure": ("empirical", "measure"), "nets": ("nets", None),
          "input_state": ("comparison", "input_state"),
          "check": ("pipeline", "check"), "Check": ("pipeline", "Check"),
          "gaussian_inputs": ("pipeline", "gaussian_inputs"), "gate": ("gate", None),
-         "plot": ("plot", None), "train": ("train", None), "data": ("data", None)}
+         "plot": ("plot", None), "monitor": ("monitoring", "monitor"), "train": ("train", None), "data": ("data", None)}
 
 
 def __getattr__(name):
@@ -29,5 +29,5 @@ def __getattr__(name):
 
 
 __all__ = ["predict", "measure", "compare", "diagnose", "check", "Check", "gaussian_inputs",
-           "input_state", "schemes", "register_scheme", "unregister_scheme", "Param", "Profile",
+           "input_state", "monitor", "schemes", "register_scheme", "unregister_scheme", "Param", "Profile",
            "Stats", "Normalised", "OverflowToInfWarning", "nets", "plot", "train", "data", "gate"]

@@ -359,6 +359,39 @@ def plot_grad(measured=None, theory=None, ax=None, label=None, color=None, how="
                         max_points=max_points, marker=marker, linestyle=linestyle, log2=log2)
 
 
+def plot_training(profiles, part="skip", quantity="second_moment", ax=None, cmap="viridis"):
+    """A statistic against training step, one line per block, coloured by depth.
+
+    Args:
+        profiles: {step: Profile} (``Monitor.profiles``, or ``propagation.monitoring.read_log(path)``).
+        part, quantity: as :func:`values`.
+        ax: matplotlib axes (default: a new figure).
+        cmap: the colormap from the first block to the last.
+    Returns: the axes.
+    """
+    if not isinstance(profiles, dict) or not profiles:
+        raise ValueError("profiles must be a non-empty {step: Profile} dict (Monitor.profiles)")
+    _check_part(part, quantity)
+    steps = sorted(profiles)
+    for s in steps:
+        _check(profiles[s], f"profiles[{s}]")
+    rows = [_log2(profiles[s], part, quantity) for s in steps]
+    width = min(len(r) for r in rows)
+    y = _exp2(np.array([r[:width] for r in rows]))
+    ax = _axes(ax)
+    colours = _pyplot().get_cmap(cmap)
+    for block in range(width):
+        ax.plot(steps, y[:, block], color=colours(block / max(width - 1, 1)), lw=1,
+                marker="o" if len(steps) < 20 else None, ms=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(describe(part, quantity))
+    sm = _pyplot().cm.ScalarMappable(cmap=colours,
+                                     norm=_pyplot().Normalize(0, max(width - 1, 1)))
+    ax.figure.colorbar(sm, ax=ax, label="block")
+    return ax
+
+
 def mark_projections(ax, profile, **line_kw):
     """Dotted vertical lines at the blocks with a projection shortcut (stage starts).
 
