@@ -15,7 +15,8 @@ _LAZY = {"measure": ("empirical", "measure"), "nets": ("nets", None),
          "input_state": ("comparison", "input_state"),
          "check": ("pipeline", "check"), "Check": ("pipeline", "Check"),
          "gaussian_inputs": ("pipeline", "gaussian_inputs"), "gate": ("gate", None),
-         "plot": ("plot", None), "monitor": ("monitoring", "monitor"), "train": ("train", None), "data": ("data", None)}
+         "plot": ("plot", None), "monitor": ("monitoring", "monitor"),
+         "train": ("train", None), "data": ("data", None)}
 
 
 def __getattr__(name):
