@@ -122,12 +122,14 @@ def child(kind, depth, width, batch, size):
         if kind == "bare":
             with torch.no_grad():
                 model(x)
-        elif kind == "measure":
+        elif kind in ("measure", "replay"):
             propagation.measure(model, x, backward=False)
         elif kind == "store":
             store_everything(model, x)
     run(build(2, width))  # warm-up: kernels, caches and lazy imports are not the pass's memory
     model = build(depth, width)
+    if kind == "replay":  # the search first (not counted): the pass measured is its replay
+        run(model)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # Linux: reset the peak resident set size (VmHWM) to the current one
@@ -184,14 +186,16 @@ def memory_tables(quick):
     print("\n3-4. peak memory added by one forward pass (fresh process each, after a warm-up), "
           "MiB and ratio")
     print(f"{'blocks':>7} {'width':>6} {'batch':>6} {'size':>5} {'bare no-grad':>13} "
-          f"{'measure fwd':>12} {'ratio':>7} {'store-all':>10} {'ratio':>7}")
+          f"{'search fwd':>11} {'ratio':>7} {'replay fwd':>11} {'ratio':>7} {'store-all':>10} "
+          f"{'ratio':>7}")
     sizes = [SMALL] if quick else [SMALL, NEAR_REAL]
     depths = (10, 100) if quick else (10, 100, 1000)
     for width, batch, size in sizes:
         for depth in depths:
-            b, m, s = (peak(k, depth, width, batch, size) for k in ("bare", "measure", "store"))
-            print(f"{depth:7d} {width:6d} {batch:6d} {size:5d} {b:13.1f} {m:12.1f} {m / b:6.2f}x "
-                  f"{s:10.1f} {s / b:6.2f}x", flush=True)
+            b, m, r, s = (peak(k, depth, width, batch, size)
+                          for k in ("bare", "measure", "replay", "store"))
+            print(f"{depth:7d} {width:6d} {batch:6d} {size:5d} {b:13.1f} {m:11.1f} {m / b:6.2f}x "
+                  f"{r:11.1f} {r / b:6.2f}x {s:10.1f} {s / b:6.2f}x", flush=True)
 
 
 def predict_table(quick):
@@ -291,6 +295,54 @@ def zoo_table(quick, device):
               f"{r_grad:12.3f}x", flush=True)
 
 
+def monitor_table(quick):
+    """A training loop with and without propagation.monitor(every=100): each step timed."""
+    import torch
+    import torch.nn.functional as F
+    import propagation
+    from propagation import nets
+    steps = 120 if quick else 300
+    print(f"\n8. training with monitor(every=100): {steps} SGD steps of a 10-block ResNet-V2 "
+          "(width 32, batch 32, 16x16), each step timed; ratios to the median step without")
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 3, 16, 16, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+
+    def loop(monitored):
+        torch.manual_seed(0)
+        model = nets.resnet_v2((10,), width=32, scheme="batchnorm", block="basic",
+                               num_classes=10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        times = []
+        ctx = propagation.monitor(model, every=100) if monitored else None
+        if ctx is not None:
+            ctx.__enter__()
+        try:
+            for _ in range(steps):
+                t = time.perf_counter()
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                times.append(time.perf_counter() - t)
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+        return times
+    loop(False)  # warm-up
+    base, mon = [], []
+    for i in range(3):  # interleaved
+        for monitored in ((False, True) if i % 2 == 0 else (True, False)):
+            (mon if monitored else base).append(loop(monitored))
+    step = statistics.median(t for run in base for t in run)
+    off = statistics.median(t for run in mon for k, t in enumerate(run) if k % 100)
+    search = statistics.median(run[0] for run in mon)
+    replay = statistics.median(t for run in mon for k, t in enumerate(run) if k and k % 100 == 0)
+    total = statistics.median(sum(r) for r in mon) / statistics.median(sum(r) for r in base)
+    print(f"  step without {step * 1e3:.2f} ms; off-step {off / step:.3f}x; sampled step: "
+          f"first (search) {search / step:.2f}x, later (replay) {replay / step:.3f}x; whole "
+          f"loop {total:.4f}x", flush=True)
+
+
 def make_tables():
     """Table 6: `make test` and a cold `make figures` in a temporary clone of HEAD.
 
@@ -330,6 +382,7 @@ def main():
     parser.add_argument("--make", action="store_true",
                         help="only table 6: time make test and a cold make figures")
     parser.add_argument("--zoo", action="store_true", help="only table 7: the real shapes")
+    parser.add_argument("--monitor", action="store_true", help="only table 8: monitoring")
     parser.add_argument("--device", default="cpu", help="device for table 7 (cpu or cuda)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -346,6 +399,8 @@ def main():
         parser.error(f"--device must be cpu or cuda (with a GPU present), got {args.device!r}")
     if args.zoo:
         return zoo_table(args.quick, args.device)
+    if args.monitor:
+        return monitor_table(args.quick)
     start = time.perf_counter()
     print("ResNet-V2 basic blocks, batchnorm, train mode, 1 torch thread; sizes as printed "
           "(width, batch, image size; see the module docstring for why)")
@@ -353,6 +408,7 @@ def main():
     memory_tables(args.quick)
     predict_table(args.quick)
     zoo_table(args.quick, args.device)
+    monitor_table(args.quick)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

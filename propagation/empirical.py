@@ -216,8 +216,10 @@ def _measure_one(model, x, seed, loss, backward, channel_axis, mode, dtype, matc
     if dtype is not None and param is not None and param.dtype != dtype:
         work = copy.deepcopy(model).to(dtype)  # the caller's model is never converted
     x, kwargs = _check_input(x, work, channel_axis)
-    with _untouched(model) as modules, (_untouched(work) if work is not model
-                                        else contextlib.nullcontext(modules)) as modules:
+    named = list(work.named_modules())  # one walk of the model per pass
+    with _untouched(model, None if work is not model else [m for _, m in named]) as modules, \
+            (_untouched(work, [m for _, m in named]) if work is not model
+             else contextlib.nullcontext(modules)) as modules:
         _set_mode(modules, mode)  # the modules of work (the dtype copy, or the model)
         grad_ctx = torch.enable_grad() if backward else torch.no_grad()
         if backward and x.is_floating_point():
@@ -235,7 +237,7 @@ def _measure_one(model, x, seed, loss, backward, channel_axis, mode, dtype, matc
             with grad_ctx:
                 try:
                     if sites is not None:
-                        with _replay(work, recorder, sites) as seen:
+                        with _replay(work, recorder, sites, named) as seen:
                             out = _call(work, x, kwargs)
                         if seen != list(range(len(sites))):  # the structure changed
                             recorder.release()
@@ -289,7 +291,9 @@ def _set_mode(modules, mode):
     for m in modules:
         want = mode == "train" or (mode == "init" and isinstance(m, norm))
         if m.training != want:
-            m.training = want
+            # What Module.train() sets, without nn.Module.__setattr__'s checks (a third of
+            # the cost of measuring a small network at a thousand modules).
+            m.__dict__["training"] = want
 
 
 def _call(model, x, kwargs):
@@ -418,7 +422,7 @@ def _channel_stats(t, channel_axis):
         return _channel_stats_centred(t, axis)
     if axis == 1:  # channel means along positions, then examples
         mean = t.reshape(t.shape[0], t.shape[1], -1).mean(dim=-1)
-        mean = _numpy(mean).mean(axis=0)
+        mean = np.add.reduce(_numpy(mean), axis=0) / t.shape[0]
     else:  # channels last: the channel means reduce the rows
         mean = _numpy(t.reshape(-1, t.shape[-1]).mean(dim=0))
     q = _second_moment(t)
@@ -429,9 +433,14 @@ def _channel_stats(t, channel_axis):
     return [q, sq, var]
 
 
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
 def _numpy(t):
-    """A small torch tensor as a float64 numpy array."""
-    return t.detach().to(torch.float64).cpu().numpy()
+    """A small torch tensor (already detached) as a float64 numpy array."""
+    if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
+        return t.numpy().astype(np.float64, copy=False)
+    return t.to(torch.float64).cpu().numpy()
 
 
 _ROWS: dict = {}  # numel -> row length for _second_moment
@@ -1043,62 +1052,60 @@ class _ReplayMode(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def _replay(model, recorder, sites):
-    """Measure the merges at ``sites`` with hooks on their owner modules (and, for owners
-    whose own code makes the merge, on their submodules, to know when the owner's own code
-    runs) and a _ReplayMode that is on only while it is needed. Yields the list of merge
-    indices in the order they were recorded (the caller checks it against the sites: a
-    model whose structure changed is searched again)."""
+def _replay(model, recorder, sites, named=None):
+    """Measure the merges at ``sites`` with a _ReplayMode that is on only while it is needed.
+    Two global module hooks (one dict lookup per module call, no state per module) keep a
+    stack of frames: one per call of an owner module, and, inside an owner whose own code
+    makes its merges, one per submodule call (to know when the owner's own code runs).
+    Yields the list of merge indices in the order they were recorded (the caller checks it
+    against the sites: a model whose structure changed is searched again)."""
     by_owner = {}
     for k, site in enumerate(sites):
         by_owner.setdefault(site.owner, {}).setdefault(site.call, {})[site.ordinal] = k
     direct = {}
     for site in sites:
         direct[site.owner] = direct.get(site.owner, True) and site.direct
-    modules = dict(model.named_modules())
     seen = []
+    owners = {}
+    modules = dict(model.named_modules() if named is None else named)
+    for name, calls in by_owner.items():
+        module = modules.get(name)
+        if module is None:
+            seen.append(-1)  # the structure changed: the caller searches again
+            continue
+        owners[id(module)] = (calls, direct[name], [0])
     mode = _ReplayMode(recorder, sites, seen)
     frames = mode.frames
-    handles = []
+    ids = []  # the module id of each frame
 
-    def owner_hooks(calls, is_direct):
-        counter = [0]
-
-        def pre(module, args):
+    def pre(module, args):
+        owner = owners.get(id(module))
+        if owner is not None:
+            calls, is_direct, counter = owner
             call = counter[0]
             counter[0] = call + 1
             targets = calls.get(call)
             frames.append(_Frame(targets, is_direct, _first_tensor_arg(args, {})
                                  if targets is not None else None))
-            mode.sync()
-        return pre
-
-    def plain_pre(module, args):
-        frames.append(_Frame(None, False, None))
+        elif frames:  # a submodule inside an owner: the owner's own code is not running
+            frames.append(_Frame(None, False, None))
+        else:
+            return None
+        ids.append(id(module))
         mode.sync()
+        return None
 
     def post(module, args, out):
-        if frames:
+        if ids and ids[-1] == id(module):
+            ids.pop()
             frames.pop()
-        mode.sync()
+            mode.sync()
+        return None
 
+    from torch.nn.modules import module as _module
+    handles = [_module.register_module_forward_pre_hook(pre),
+               _module.register_module_forward_hook(post, always_call=True)]
     try:
-        marked = set()
-        for name, calls in by_owner.items():
-            module = modules.get(name)
-            if module is None:
-                seen.append(-1)  # the structure changed: the caller searches again
-                continue
-            handles.append(module.register_forward_pre_hook(owner_hooks(calls, direct[name])))
-            handles.append(module.register_forward_hook(post, always_call=True))
-            marked.add(id(module))
-        for name, module in modules.items():  # the submodules of owners with direct merges
-            if id(module) in marked or not any(
-                    direct[o] and (o == "" or name.startswith(o + ".")) for o in by_owner):
-                continue
-            marked.add(id(module))
-            handles.append(module.register_forward_pre_hook(plain_pre))
-            handles.append(module.register_forward_hook(post, always_call=True))
         yield seen
     finally:
         for h in handles:
@@ -1175,7 +1182,22 @@ def _check_models(model):
         if not isinstance(m, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (or a list of them), got "
                             f"{type(m).__name__}: {m!r:.80}")
-    return models
+    # A torch.compile'd module runs generated code that no hook or TorchFunctionMode sees
+    # reliably; it holds the original module, with the same parameters and buffers, which is
+    # measured instead (eager kernels: the same statistics up to float rounding).
+    return [_uncompiled(m) for m in models]
+
+
+def _uncompiled(model):
+    return getattr(model, "_orig_mod", model) if _is_compiled(model) else model
+
+
+def _is_compiled(model):
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+    return isinstance(model, OptimizedModule)
 
 
 def _input_source(inputs):
@@ -1236,7 +1258,7 @@ class ModelChangedWarning(RuntimeWarning):
 
 
 @contextlib.contextmanager
-def _untouched(model):
+def _untouched(model, modules=None):
     """Restore buffers, parameters' flags and gradients, training flags and the RNG state;
     yields the list of the model's modules.
 
@@ -1246,7 +1268,7 @@ def _untouched(model):
     walked once and everything restored in a few calls: at a thousand modules this was a
     fifth of the cost of measuring a small network.
     """
-    modules = list(model.modules())
+    modules = list(model.modules()) if modules is None else modules
     training = [m.training for m in modules]
     b_dicts, b_names, b_tensors = [], [], []
     for mod in modules:
@@ -1298,7 +1320,7 @@ def _untouched(model):
                     p.grad = grad
         for m, flag in zip(modules, training):
             if m.training != flag:
-                m.training = flag
+                m.__dict__["training"] = flag
         torch.set_rng_state(rng)
         if changed:
             warnings.warn(f"the model's forward pass modified parameters in place "

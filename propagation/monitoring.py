@@ -31,7 +31,7 @@ from typing import Dict, Optional
 import torch
 
 from . import _checks
-from .empirical import (_PLANS, _Recorder, _first_tensor_arg, _replay, _search)
+from .empirical import _PLANS, _Recorder, _first_tensor_arg, _is_compiled, _replay, _search
 from .profile import Profile
 
 __all__ = ["monitor", "Monitor"]
@@ -61,6 +61,11 @@ class Monitor:
     def __init__(self, model, every=100, *, channel_axis=1, log=None, first=0):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if _is_compiled(model):
+            raise TypeError("monitor cannot see inside a torch.compile'd model (its forward is "
+                            "generated code); monitor the module before compiling it, or call "
+                            "propagation.measure(model._orig_mod, batch, loss=...) every N steps "
+                            "(it measures the same parameters eagerly)")
         self.model = model
         self.every = _checks.positive_int("every", every)
         if not isinstance(first, int) or isinstance(first, bool) or first < 0:

@@ -101,3 +101,13 @@ def test_bad_arguments(kwargs, error, words):
     with pytest.raises(error) as err:
         propagation.monitor(model, **kwargs)
     assert all(w in str(err.value) for w in words)
+
+
+def test_compiled_models_are_measured_through_their_module_and_not_monitored():
+    # torch.compile(model) wraps the same module: measure reads it eagerly (nothing is
+    # compiled here); monitor cannot hook generated code and says what to do instead.
+    model, _, x, _ = _setup()
+    compiled = torch.compile(model)
+    _assert_same(propagation.measure(compiled, x), propagation.measure(model, x))
+    with pytest.raises(TypeError, match="before compiling"):
+        propagation.monitor(compiled)
