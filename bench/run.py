@@ -1,7 +1,7 @@
 """Benchmarks: the cost of measuring and predicting, as ratios against a baseline run in the
 same process (time) or the same kind of fresh process (peak memory).
 
-    python bench/run.py            # tables 1-5 (make bench): about 6 minutes on two cores
+    python bench/run.py            # tables 1-5, 7, 8 (make bench): about 20 minutes on two cores
     python bench/run.py --quick    # small sizes, under a minute
     python bench/run.py --make     # table 6 only: `make test` and a cold `make figures` in a
                                    # temporary clone of HEAD (half an hour on two cores: the
@@ -10,10 +10,19 @@ same process (time) or the same kind of fresh process (peak memory).
 Tables printed:
   1. measure (forward only) / bare forward, same model, input and mode (train, no_grad)
   2. measure (with gradients) / bare forward + backward
-  3. peak memory of a forward-only measurement / a bare no-grad forward, per depth
+  3. peak memory of a forward-only measurement / a bare no-grad forward, per depth: the
+     search (the first pass over a model) and its replay (every later pass)
   4. the common alternative (keep every block output, reduce afterwards): time and memory
   5. predict(D, scheme) for D = 10^3 .. 10^6
   6. (--make) wall time of `make test` and of a cold `make figures`
+  7. (--zoo) real shapes: a ResNet-50-sized torchvision-style net and the Hugging Face
+     transformers (width 256, 4 layers, 128 tokens, batch 8): replay, search and with
+     gradients, each against the bare pass; --device cuda runs it on a GPU
+  8. (--monitor) a training loop under propagation.monitor(every=100): off-steps, the
+     sampled steps and the whole loop against the loop without it
+
+Tables 1, 2 and 7 time `measure` after a first call on the same model, so they time the
+replay; table 7's "search" column forces the search every pass (search="always").
 
 Sizes. The issue asks for ResNet-V2s of width 64 at batch 64 and 32x32 with 100 and 1000
 blocks. On two CPU cores one forward of that network at 1000 blocks takes minutes, and each
@@ -264,7 +273,7 @@ def zoo_table(quick, device):
     print(f"{'model':>22} {'fwd bare s':>11} {'measure fwd':>12} {'search fwd':>11} "
           f"{'fwd+bwd bare s':>15} {'measure grad':>13}")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    reps = 3 if quick else 7
+    reps = 3 if quick else 5
     for name, model, x, axis in zoo_models(quick):
         model = model.to(device)
         x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
@@ -276,13 +285,23 @@ def zoo_table(quick, device):
                 _call(model, xx, kw)
             sync()
 
+        embedded = []  # token models: the gradient goes back to the embeddings' output
+
+        def keep(module, args, out):
+            embedded.append(out)
+        tokens = not xx.is_floating_point()
+
         def bare_fwd_bwd():
-            inp = xx.detach().requires_grad_(True) if xx.is_floating_point() else xx
-            out = _call(model, inp, kw)
+            inp = xx if tokens else xx.detach().requires_grad_(True)
+            handle = model.get_input_embeddings().register_forward_hook(keep) if tokens else None
+            try:
+                out = _call(model, inp, kw)
+            finally:
+                if handle is not None:
+                    handle.remove()
             out = out if isinstance(out, torch.Tensor) else out[0]
             g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(device)
-            torch.autograd.grad((g * out).sum(), [p for p in model.parameters()][:1]
-                                if not inp.requires_grad else [inp], allow_unused=True)
+            torch.autograd.grad((g * out).sum(), [embedded.pop()] if tokens else [inp])
             sync()
 
         def run(**kw_):
@@ -301,7 +320,7 @@ def monitor_table(quick):
     import torch.nn.functional as F
     import propagation
     from propagation import nets
-    steps = 120 if quick else 300
+    steps = 120 if quick else 200
     print(f"\n8. training with monitor(every=100): {steps} SGD steps of a 10-block ResNet-V2 "
           "(width 32, batch 32, 16x16), each step timed; ratios to the median step without")
     gen = torch.Generator().manual_seed(1)
@@ -330,7 +349,7 @@ def monitor_table(quick):
         return times
     loop(False)  # warm-up
     base, mon = [], []
-    for i in range(3):  # interleaved
+    for i in range(2):  # interleaved
         for monitored in ((False, True) if i % 2 == 0 else (True, False)):
             (mon if monitored else base).append(loop(monitored))
     step = statistics.median(t for run in base for t in run)

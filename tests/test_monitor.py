@@ -103,6 +103,7 @@ def test_bad_arguments(kwargs, error, words):
     assert all(w in str(err.value) for w in words)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, importing dynamo
 def test_compiled_models_are_measured_through_their_module_and_not_monitored():
     # torch.compile(model) wraps the same module: measure reads it eagerly (nothing is
     # compiled here); monitor cannot hook generated code and says what to do instead.
