@@ -419,8 +419,18 @@ def _replay_cases():
         zoo.entry("torch_encoder").inputs(0), -1
 
 
+def _hf_replay_cases():
+    for e in zoo.ENTRIES:
+        if e.source == "transformers":
+            torch.manual_seed(0)
+            yield e.name, e.build(), e.inputs(0), e.channel_axis
+
+
+@pytest.mark.parametrize("cases", [
+    _replay_cases, pytest.param(_hf_replay_cases, marks=[pytest.mark.slow, pytest.mark.skipif(
+        not zoo.available(), reason="needs the zoo extra")])], ids=["hand-written", "hugging-face"])
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_a_replayed_search_measures_what_the_search_does(backward, monkeypatch):
+def test_a_replayed_search_measures_what_the_search_does(backward, cases, monkeypatch):
     from propagation import empirical
     searches = []
     search = empirical._search
@@ -429,7 +439,7 @@ def test_a_replayed_search_measures_what_the_search_does(backward, monkeypatch):
         searches.append(1)
         return search(*args)
     monkeypatch.setattr(empirical, "_search", counted)
-    for name, model, x, axis in _replay_cases():
+    for name, model, x, axis in cases():
         searches.clear()
         ref = propagation.measure(model, x, channel_axis=axis, backward=backward,
                                   search="always")
@@ -449,6 +459,8 @@ def test_a_replayed_search_measures_what_the_search_does(backward, monkeypatch):
                     np.testing.assert_allclose(getattr(getattr(got, part), q),
                                                getattr(getattr(ref, part), q), rtol=0,
                                                atol=1e-6, err_msg=f"{name} {part} {q}")
+            np.testing.assert_allclose(got.merge_log2_second_moment, ref.merge_log2_second_moment,
+                                       rtol=0, atol=1e-6, err_msg=f"{name} merge sums")
 
 
 def test_a_changed_structure_is_searched_again():
