@@ -216,10 +216,8 @@ def _measure_one(model, x, seed, loss, backward, channel_axis, mode, dtype, matc
     if dtype is not None and param is not None and param.dtype != dtype:
         work = copy.deepcopy(model).to(dtype)  # the caller's model is never converted
     x, kwargs = _check_input(x, work, channel_axis)
-    named = list(work.named_modules())  # one walk of the model per pass
-    with _untouched(model, None if work is not model else [m for _, m in named]) as modules, \
-            (_untouched(work, [m for _, m in named]) if work is not model
-             else contextlib.nullcontext(modules)) as modules:
+    with _untouched(model) as modules, (_untouched(work) if work is not model
+                                        else contextlib.nullcontext(modules)) as modules:
         _set_mode(modules, mode)  # the modules of work (the dtype copy, or the model)
         grad_ctx = torch.enable_grad() if backward else torch.no_grad()
         if backward and x.is_floating_point():
@@ -237,7 +235,7 @@ def _measure_one(model, x, seed, loss, backward, channel_axis, mode, dtype, matc
             with grad_ctx:
                 try:
                     if sites is not None:
-                        with _replay(work, recorder, sites, named) as seen:
+                        with _replay(work, recorder, sites) as seen:
                             out = _call(work, x, kwargs)
                         if seen != list(range(len(sites))):  # the structure changed
                             recorder.release()
@@ -924,7 +922,7 @@ def _search(model, recorder, matcher):
     named = list(model.named_modules())
     finder = _MergeFinder(recorder, [m for _, m in named])
     names = {id(m): n for n, m in named}
-    norms = {id(m): _module_norm(m) for _, m in named}
+    norms = {id(m): k for _, m in named if (k := _module_norm(m))}  # the norm modules only
     selected = set()
     if matcher is not None:
         found = {name for name, module in named if matcher(name, module)}
@@ -934,13 +932,13 @@ def _search(model, recorder, matcher):
                                for k in range(1, n.count(".") + 1)))}
         finder.sink = finder.hold  # merges are kept per block until the block exits
     block_hooks = {name: _block_hook(finder, name) for name in selected}
-
+    del named  # the names live on in ``names``
     # Two global module hooks rather than two per module: registering a hook costs more
     # than calling one, and a thousand-block network has thousands of modules.
     def enter(module, args):
         name = names.get(id(module))
         if name is not None:  # a module of the model
-            finder.enter(name, args, {}, norms[id(module)])
+            finder.enter(name, args, {}, norms.get(id(module), 0))
             if name in selected:
                 finder.held.append([])
 
@@ -1052,7 +1050,7 @@ class _ReplayMode(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def _replay(model, recorder, sites, named=None):
+def _replay(model, recorder, sites):
     """Measure the merges at ``sites`` with a _ReplayMode that is on only while it is needed.
     Two global module hooks (one dict lookup per module call, no state per module) keep a
     stack of frames: one per call of an owner module, and, inside an owner whose own code
@@ -1067,10 +1065,10 @@ def _replay(model, recorder, sites, named=None):
         direct[site.owner] = direct.get(site.owner, True) and site.direct
     seen = []
     owners = {}
-    modules = dict(model.named_modules() if named is None else named)
     for name, calls in by_owner.items():
-        module = modules.get(name)
-        if module is None:
+        try:  # by name, not a walk of the model: no memory per module
+            module = model.get_submodule(name)
+        except AttributeError:
             seen.append(-1)  # the structure changed: the caller searches again
             continue
         owners[id(module)] = (calls, direct[name], [0])
