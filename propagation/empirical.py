@@ -43,7 +43,7 @@ from .profile import Profile, Stats, quantile_over, quantile_stats
 _NORM_KINDS = ("batch", "layer", "instance", "weights", "activation")
 _WEIGHTS, _ACTIVATION = 8, 16
 _F = torch.nn.functional
-_NORM_FUNCS = {
+_NORM_FUNCS: "dict[Any, int]" = {
     **dict.fromkeys((torch.nn.functional.batch_norm, torch.batch_norm), 1),
     **dict.fromkeys((torch.nn.functional.layer_norm, torch.layer_norm, torch.nn.functional.group_norm,
                      torch.group_norm, torch.nn.functional.rms_norm, torch.rms_norm), 2),
