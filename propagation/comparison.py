@@ -548,9 +548,10 @@ def _default_alpha(name):
     return get_scheme(name).defaults().get("alpha")
 
 
-def _fit_schemes(measured, skip, branch, sums):
+def _fit_schemes(measured, skip, branch, sums, structure):
     """Every registered scheme at the measured depth, stage layout and input state, each
-    with its alpha (or an extra branch gain) fitted: candidates, closest first."""
+    with its alpha (or an extra branch gain) fitted: candidates, those with ``structure``
+    (the profile's, or None) first, each group closest first."""
     from .pipeline import measured_stages
     from .predict import predict
     from .schemes import registered
@@ -581,7 +582,7 @@ def _fit_schemes(measured, skip, branch, sums):
             return np.exp2(p.skip.log2_squared_mean[:-1] - p.skip.log2_second_moment[:-1])
 
     measured_terms = terms(skip, branch, sums) + (correlation(measured),)
-    structure = _structure(measured)
+    same_structure = {}  # scheme -> whether its norms sit where the profile's do (any gain)
 
     def score(p):
         """(distance from the measurement, median post-merge change) of a prediction."""
@@ -607,8 +608,10 @@ def _fit_schemes(measured, skip, branch, sums):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             p = predict(D, spec.name, **layout, **state, branch_gain=gain, **params)
-        same = structure is None or _structure(p) == structure
-        return Candidate(spec.name, params, gain, *score(p), same_structure=same)
+        if spec.name not in same_structure:
+            same_structure[spec.name] = structure is None or _structure(p) == structure
+        return Candidate(spec.name, params, gain, *score(p),
+                         same_structure=same_structure[spec.name])
 
     # The grid for every scheme, then a refinement of the multiplier for those near the best.
     grid = {}
@@ -702,8 +705,8 @@ def diagnose(measured: Profile) -> "Diagnosis":
     law, rate = _law(skip, features["segment_list"])
     features["law"] = law
     messages = [LAW_MESSAGES[law].format(rate=rate, why="no segment of the skip path is finite")]
-    candidates = _fit_schemes(measured, skip, branch, sums)
     structure = _structure(measured)
+    candidates = _fit_schemes(measured, skip, branch, sums, structure)
     said = "" if structure is None else _describe_structure(structure)
     closest, family = "", ""
     if candidates:

@@ -210,7 +210,7 @@ def measure(model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
 # --- one forward (+ backward) pass -----------------------------------------------------------
 
 def _measure_one(model, x, seed, loss, backward, channel_axis, mode, dtype, matcher,
-                 plans=None, search="auto"):
+                 plans, search):
     work = model
     param = next(iter(model.parameters()), None)
     if dtype is not None and param is not None and param.dtype != dtype:
@@ -223,37 +223,28 @@ def _measure_one(model, x, seed, loss, backward, channel_axis, mode, dtype, matc
         if backward and x.is_floating_point():
             x = x.detach().requires_grad_(True)
         readouts = ["loss"] if loss is not None else ["output", "last merge"] if backward else [None]
-        # A search found earlier for this kind of pass is replayed (hooks on the merges'
-        # owner modules only), and searched again if the merges it finds differ.
+        # A search found earlier for this kind of pass (in this call, or on this model) is
+        # replayed, and searched again if the merges it sees differ.
         key = (mode, backward, str(dtype), tuple(x.shape), x.dtype,
                None if kwargs is None else (kwargs[0], tuple(sorted(kwargs[1]))))
-        cached = _PLANS.get(model, {}) if search == "auto" else {}
-        sites = (plans or {}).get(key, cached.get(key)) if matcher is None and search == "auto" \
-            else None
+        replays = matcher is None and search == "auto"
+        sites = (plans.get(key) or _PLANS.get(model, {}).get(key)) if replays else None
         for readout in readouts:
             recorder = _Recorder(channel_axis)
             with grad_ctx:
                 try:
                     if sites is not None:
-                        with _replay(work, recorder, sites) as seen:
+                        with _replay(work, recorder, sites) as replay:
                             out = _call(work, x, kwargs)
-                        if seen != list(range(len(sites))):  # the structure changed
+                        if not replay.complete:  # the structure changed
                             recorder.release()
                             sites, recorder, out = None, _Recorder(channel_axis), None
                     if sites is None:
                         with _search(work, recorder, matcher) as finder:
                             out = _call(work, x, kwargs)
-                        if (matcher is None and recorder.merges
-                                and None not in finder.sites and len(finder.sites) == recorder.merges):
-                            sites = tuple(replace(site, chained=chained) for site, chained
-                                          in zip(finder.sites, finder.chained))
-                            if plans is not None:
-                                plans[key] = sites
-                            if search == "auto":
-                                try:
-                                    _PLANS.setdefault(model, {})[key] = sites
-                                except TypeError:  # a model that cannot be weakly referenced
-                                    pass
+                        sites = finder.plan() if replays else None
+                        if sites is not None:
+                            plans[key] = _PLANS.setdefault(model, {})[key] = sites
                         del finder
                 except Exception as err:
                     err.add_note(f"(raised by the model's forward pass inside propagation.measure, "
@@ -521,6 +512,12 @@ class _Recorder:
         """Statistics of a block input and its values per channel (batch x positions)."""
         return self.stats(x) + [x.numel() / _channels(x, self.channel_axis)]
 
+    def operands(self, skip, branch, x):
+        """Statistics of a merge's operands and of its block input ``x`` (None: unknown), read
+        before the addition runs: an in-place add overwrites one of them."""
+        return (self.stats(skip), self.stats(branch),
+                None if x is None else self.input_stats(x))
+
     def record(self, skip, skip_stats, branch_stats, total, projection, name="",
                input_stats=None, norms=("", ""), full_sum=True):
         """Record one merge; ``total`` is the sum tensor or, already measured, a tuple
@@ -680,6 +677,14 @@ class _MergeFinder(TorchFunctionMode):
         self.chained = []     # per merge: its sum is the next merge's skip operand, unchanged
         self._prev_sum = None  # (weak ref, version) of the last merge's sum
 
+    def plan(self):
+        """The sites of the merges found, for replays (_replay); None when a merge had no
+        owner module a replay could hook."""
+        if not self.sites or None in self.sites or len(self.sites) != self.recorder.merges:
+            return None
+        return tuple(replace(site, chained=chained)
+                     for site, chained in zip(self.sites, self.chained))
+
     def hold(self, skip, skip_stats, branch_stats, total, projection, name, input_stats,
              norms):
         if self.held:  # merges outside every selected block are not measured
@@ -759,8 +764,6 @@ class _MergeFinder(TorchFunctionMode):
             merge = self._merge_operands(args[0], args[1])
             if merge is not None:
                 skip, branch, projection, ancestor, norms = merge
-                # Operand statistics before the call: an in-place add overwrites one of them.
-                pre = (self.recorder.stats(skip), self.recorder.stats(branch))
                 prev = self._prev_sum
                 if self.chained:
                     self.chained[-1] = (prev is not None and prev[0]() is skip
@@ -771,9 +774,8 @@ class _MergeFinder(TorchFunctionMode):
                 self.sites.append(None if entry is None else _Site(
                     entry[0], entry[4], entry[6 if direct else 5] - 1, skip is args[0],
                     projection, norms, direct=direct))
-                if not projection:  # an identity shortcut: the block input is the skip operand
-                    x = skip
-                block = (name, None if x is None else self.recorder.input_stats(x), norms)
+                # An identity shortcut: the block input is the skip operand.
+                pre = self.recorder.operands(skip, branch, x if projection else skip)
         out = func(*args, **kwargs)
         if isinstance(out, Tensor):
             outs = (out,)
@@ -809,7 +811,7 @@ class _MergeFinder(TorchFunctionMode):
                     self._assign(o, new)
         if merge is not None:
             self.last_sum = len(self.offsets) - 2
-            self.sink(skip, pre[0], pre[1], out, projection, *block)
+            self.sink(skip, pre[0], pre[1], out, projection, name, pre[2], norms)
             self.chained.append(False)
             self._prev_sum = (weakref.ref(out), out._version) if isinstance(out, Tensor) else None
         return out
@@ -967,8 +969,9 @@ def _search(model, recorder, matcher):
 @dataclass(frozen=True)
 class _Site:
     """Where the search found a merge, in terms a replay can see without the call graph: the
-    ``ordinal``-th candidate addition (see _candidate; nested calls included) during call
-    number ``call`` of the module ``owner``, with the skip operand first or second."""
+    ``ordinal``-th candidate addition (see _candidate; those of submodules included unless
+    ``direct``) during call number ``call`` of the module ``owner``, with the skip operand
+    first or second."""
 
     owner: str
     call: int
@@ -1001,17 +1004,37 @@ class _ReplayMode(TorchFunctionMode):
     only while an owner that needs it runs (an owner whose merges its own code makes: while
     no submodule of it runs), so the rest of the network runs bare."""
 
-    def __init__(self, recorder, sites, seen):
+    def __init__(self, recorder, sites):
         super().__init__()
-        self.recorder, self.sites, self.seen = recorder, sites, seen
-        self.frames = []
+        self.recorder, self.sites = recorder, sites
+        self.seen = []        # merge indices in the order they were recorded
+        self.missing = False  # an owner module is gone
+        self.frames = []      # _Frame per running owner call, and per call inside an owner
+        self.ids = []         # the module of each frame
+        self.nested = 0       # frames of owners that count their submodules' additions
         self.active = False
 
-    def sync(self):
-        """Switch the mode on or off after a module call starts or ends."""
-        frames = self.frames
-        need = bool(frames) and frames[-1].targets is not None or any(
-            f.targets is not None and not f.direct for f in frames)
+    @property
+    def complete(self):
+        """Whether the replay saw exactly the search's merges, in order."""
+        return not self.missing and self.seen == list(range(len(self.sites)))
+
+    def push(self, module, frame):
+        self.frames.append(frame)
+        self.ids.append(id(module))
+        self.nested += frame.targets is not None and not frame.direct
+        self._sync()
+
+    def pop(self, module):
+        if self.ids and self.ids[-1] == id(module):
+            self.ids.pop()
+            frame = self.frames.pop()
+            self.nested -= frame.targets is not None and not frame.direct
+            self._sync()
+
+    def _sync(self):
+        """On while an owner counts: its own code runs, or it counts nested additions."""
+        need = self.nested > 0 or bool(self.frames) and self.frames[-1].targets is not None
         if need and not self.active:
             self.__enter__()
             self.active = True
@@ -1022,7 +1045,7 @@ class _ReplayMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        if func in _ADDS and _candidate(func, args, kwargs):
+        if _candidate(func, args, kwargs):
             hit = None
             last = len(self.frames) - 1
             for i, frame in enumerate(self.frames):
@@ -1038,11 +1061,9 @@ class _ReplayMode(TorchFunctionMode):
                 site = self.sites[index]
                 skip, branch = (args[0], args[1]) if site.skip_first else (args[1], args[0])
                 rec = self.recorder
-                pre = (rec.stats(skip), rec.stats(branch))  # before an in-place add
-                x = frame.x if site.projection else skip
-                inputs = None if x is None else rec.input_stats(x)
+                pre = rec.operands(skip, branch, frame.x if site.projection else skip)
                 out = func(*args, **kwargs)
-                rec.record(skip, pre[0], pre[1], out, site.projection, site.owner, inputs,
+                rec.record(skip, pre[0], pre[1], out, site.projection, site.owner, pre[2],
                            site.norms, full_sum=site.chained or index == len(self.sites) - 1)
                 self.seen.append(index)
                 return out
@@ -1052,29 +1073,25 @@ class _ReplayMode(TorchFunctionMode):
 @contextlib.contextmanager
 def _replay(model, recorder, sites):
     """Measure the merges at ``sites`` with a _ReplayMode that is on only while it is needed.
-    Two global module hooks (one dict lookup per module call, no state per module) keep a
-    stack of frames: one per call of an owner module, and, inside an owner whose own code
-    makes its merges, one per submodule call (to know when the owner's own code runs).
-    Yields the list of merge indices in the order they were recorded (the caller checks it
-    against the sites: a model whose structure changed is searched again)."""
+    Two global module hooks (one dict lookup per module call, no state per module) keep its
+    stack of frames: one per call of an owner module, and, inside an owner, one per
+    submodule call (to know when the owner's own code runs). Yields the mode: the caller
+    checks ``complete`` (a model whose structure changed is searched again)."""
     by_owner = {}
     for k, site in enumerate(sites):
         by_owner.setdefault(site.owner, {}).setdefault(site.call, {})[site.ordinal] = k
     direct = {}
     for site in sites:
         direct[site.owner] = direct.get(site.owner, True) and site.direct
-    seen = []
+    mode = _ReplayMode(recorder, sites)
     owners = {}
     for name, calls in by_owner.items():
         try:  # by name, not a walk of the model: no memory per module
             module = model.get_submodule(name)
         except AttributeError:
-            seen.append(-1)  # the structure changed: the caller searches again
+            mode.missing = True
             continue
         owners[id(module)] = (calls, direct[name], [0])
-    mode = _ReplayMode(recorder, sites, seen)
-    frames = mode.frames
-    ids = []  # the module id of each frame
 
     def pre(module, args):
         owner = owners.get(id(module))
@@ -1083,28 +1100,21 @@ def _replay(model, recorder, sites):
             call = counter[0]
             counter[0] = call + 1
             targets = calls.get(call)
-            frames.append(_Frame(targets, is_direct, _first_tensor_arg(args, {})
-                                 if targets is not None else None))
-        elif frames:  # a submodule inside an owner: the owner's own code is not running
-            frames.append(_Frame(None, False, None))
-        else:
-            return None
-        ids.append(id(module))
-        mode.sync()
+            mode.push(module, _Frame(targets, is_direct, _first_tensor_arg(args, {})
+                                     if targets is not None else None))
+        elif mode.frames:  # a submodule inside an owner: the owner's own code is not running
+            mode.push(module, _Frame(None, False, None))
         return None
 
     def post(module, args, out):
-        if ids and ids[-1] == id(module):
-            ids.pop()
-            frames.pop()
-            mode.sync()
+        mode.pop(module)
         return None
 
     from torch.nn.modules import module as _module
     handles = [_module.register_module_forward_pre_hook(pre),
                _module.register_module_forward_hook(post, always_call=True)]
     try:
-        yield seen
+        yield mode
     finally:
         for h in handles:
             h.remove()

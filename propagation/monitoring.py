@@ -127,17 +127,17 @@ class Monitor:
         sites = _PLANS.get(self.model, {}).get(key)
         ctx = _replay(self.model, recorder, sites) if sites else _search(self.model, recorder,
                                                                           None)
-        seen = ctx.__enter__()
-        self._pass = (step, recorder, ctx, sites, key, seen)
+        # The search's finder, or the replay's mode.
+        self._pass = (step, recorder, ctx, sites, key, ctx.__enter__())
         return None
 
     def _post(self, module, args, kwargs, out):
         if self._pass is None:
             return None
-        step, recorder, ctx, sites, key, seen = self._pass
+        step, recorder, ctx, sites, key, state = self._pass
         self._pass = None
         ctx.__exit__(None, None, None)
-        if sites is not None and seen != list(range(len(sites))):
+        if sites is not None and not state.complete:
             # The structure differs from the search's (another branch of the forward was
             # taken): drop this sample and search again at the next sampled step.
             recorder.release()
@@ -145,12 +145,8 @@ class Monitor:
             self._warn(f"step {step}: the merges differ from the first sampled step's; this "
                        f"step is skipped and the next sampled step searches again")
             return None
-        if sites is None and recorder.merges:
-            finder = seen
-            if None not in finder.sites and len(finder.sites) == recorder.merges:
-                from dataclasses import replace
-                _PLANS.setdefault(self.model, {})[key] = tuple(
-                    replace(s, chained=c) for s, c in zip(finder.sites, finder.chained))
+        if sites is None and (plan := state.plan()) is not None:
+            _PLANS.setdefault(self.model, {})[key] = plan
         if not recorder.merges:
             recorder.release()
             self._warn(f"step {step}: no residual merge was seen in the forward pass")
