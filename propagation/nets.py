@@ -39,7 +39,8 @@ from .predict import make_plan
 from .schemes import get_scheme, nf_expected_variance, with_networks
 
 __all__ = ["resnet_v2", "wide_resnet", "residual_mlp", "WSConv2d", "WSLinear",
-           "ResidualBlock", "ResidualNetwork", "supported_schemes", "padding_factors"]
+           "ResidualBlock", "ResidualNetwork", "supported_schemes", "padding_factors",
+           "exact_variance_"]
 
 #: The fixed gain of a Scaled-WS layer after a ReLU: sqrt(2 / (1 - 1/pi)).
 WS_GAIN = math.sqrt(kernels.WS_RELU_GAIN2)
@@ -241,7 +242,26 @@ def _normal_(weight, gain2):
             weight.zero_()
         else:
             weight.normal_(0.0, math.sqrt(gain2 / fan_in))
+    # The nominal variance x fan-in, for exact_variance_ (an attribute: it travels with the
+    # parameter, and a tensor cannot be a weak dictionary key).
+    weight._nominal_gain2 = float(gain2)
     return weight
+
+
+def exact_variance_(model):
+    """Rescale, in place, every weight a reference network drew (stem, branches,
+    projections) so that its second moment is exactly its nominal gain2 / fan_in.
+
+    A drawn layer's realised scale differs from the law's by a relative O(1/sqrt(entries)),
+    which ``predict(model, x, weights="law")`` follows; after this call it equals
+    ``predict(**model.theory)`` to rounding (tests/test_structural.py). Returns ``model``.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            gain2 = getattr(p, "_nominal_gain2", None)
+            if gain2:
+                p.mul_(math.sqrt(gain2 / p[0].numel() / float(p.double().pow(2).mean())))
+    return model
 
 
 class _ConvKit:
