@@ -43,6 +43,16 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
             branch_gain: float = 1.0, **params: Any) -> Profile:
     """Predict per-block signal propagation at initialisation in the infinite-width limit.
 
+    Two forms:
+
+    * ``predict(depth, scheme, ...)``: a registered scheme, a fixed architecture and
+      initialisation (below);
+    * ``predict(model, inputs, ...)``: the theory of a PyTorch model from the calls its
+      forward pass makes and the weights it holds, merge for merge as ``measure(model,
+      inputs)`` finds them (:func:`propagation.structural.predict_model`, whose keyword
+      arguments it takes: ``channel_axis``, ``mode``, ``weights``, ``padding``,
+      ``unsupported``). torch is imported only for this form.
+
     Args:
         depth: number of residual blocks D (a positive int).
         scheme: a registered scheme name (see :func:`propagation.schemes`).
@@ -69,6 +79,15 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
     The recursion is the two-point mean-field theory of ../shared/THEORY.md, corrected where
     noted in README.md (Scaled-WS correlations, backward gains of standardised layers).
     """
+    if _is_module(depth):
+        if (stages is not None or not project_first or layers != 2 or input_second_moment != 1.0
+                or input_squared_mean != 0.0 or padding_factors is not None or branch_gain != 1.0):
+            raise TypeError("predict(model, inputs) takes the keyword arguments of "
+                            "propagation.structural.predict_model (channel_axis, mode, weights, "
+                            "padding, unsupported), not the scheme form's stages, layers, "
+                            "input moments, padding_factors or branch_gain")
+        from .structural import predict_model
+        return predict_model(depth, scheme, **params)
     setup = _setup(depth, scheme, stages, project_first, layers, input_second_moment,
                    input_squared_mean, padding_factors, branch_gain, params)
     plan, block, q0, m0 = setup.plan, setup.block, setup.q0, setup.m0
@@ -91,6 +110,13 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
                        post=any(layer.normalises or layer.resets for layer in block.post)),
                    input_second_moment=q0, input_squared_mean=m0,
                    meta={"input_second_moment": q0, "input_squared_mean": m0})
+
+
+def _is_module(obj):
+    """Whether ``obj`` is a torch ``nn.Module``, without importing torch for the scheme form."""
+    import sys
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 def predict_reference(depth: int, scheme: str = "batchnorm", *,
