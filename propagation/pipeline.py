@@ -126,7 +126,7 @@ def _first_input(inputs: Any) -> Optional[torch.Tensor]:
 
 
 def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inputs: Inputs, *,
-          seeds: int = 1, theory: Optional[Mapping[str, Any]] = None,
+          seeds: int = 1, theory: Union[None, str, Mapping[str, Any]] = None,
           width: Optional[int] = None, quantities: Sequence[str] = ALL_QUANTITIES,
           mode: str = "init", dtype: Optional[torch.dtype] = None, channel_axis: int = 1,
           backward: Optional[bool] = None, blocks: Any = None, progress: Optional[bool] = None,
@@ -140,9 +140,12 @@ def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inp
             as ``(8, 3, 32, 32)`` for i.i.d. N(0, 1) batches (:func:`gaussian_inputs`).
         seeds: initialisations (and input batches) to measure; the comparison's bands
             account for the median over them.
-        theory: ``predict`` keyword arguments (``scheme``, its parameters, ``stages``, ...);
-            default the model's own ``theory`` (the networks of ``propagation.nets`` have
-            one). ``depth`` defaults to the merges measured; ``stages`` and
+        theory: ``"model"``: the structural theory, ``predict(model, inputs)`` from the
+            model's own calls and weights (of the held weights for one seed; with several,
+            of their initialisation law at the first model's scales, ``weights="law"``);
+            or ``predict`` keyword arguments (``scheme``, its parameters, ``stages``, ...).
+            Default: the model's own ``theory`` dict (the networks of ``propagation.nets``
+            have one), else "model". ``depth`` defaults to the merges measured; ``stages`` and
             ``project_first`` to the projection shortcuts measured (a stage starts at each);
             the input state to the measured state of the first block's input
             (:func:`input_state`); networks of ``propagation.nets`` get the zero padding of
@@ -179,8 +182,21 @@ def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inp
         shape = None if first is None else tuple(first.shape)
     measured = measure(models, batches, seeds=seeds, backward=backward, channel_axis=channel_axis,
                        mode=mode, dtype=dtype, blocks=blocks, progress=progress)
-    kwargs = theory_kwargs(models[0], measured, theory, overrides, shape)
-    predicted = predict(**kwargs)
+    if theory is None and not getattr(models[0], "theory", None) and "scheme" not in overrides:
+        theory = "model"
+    if isinstance(theory, str):
+        _checks.choice("theory", theory, ("model",))
+        if overrides:
+            raise TypeError(f"theory='model' takes no predict keyword arguments, got "
+                            f"{sorted(overrides)}")
+        first_batch = batches(0) if callable(batches) else (
+            batches[0] if isinstance(batches, (list, tuple)) else batches)
+        predicted = predict(models[0], first_batch, channel_axis=channel_axis, mode=mode,
+                            weights="law" if len(models) > 1 else "held")
+        kwargs = {"model": type(models[0]).__name__, "weights": predicted.meta["weights"]}
+    else:
+        kwargs = theory_kwargs(models[0], measured, theory, overrides, shape)
+        predicted = predict(**kwargs)
     comparison = compare(predicted, measured, width=width, quantities=quantities)
     found, note = None, ""
     if not diagnosis:

@@ -64,6 +64,21 @@ def test_mlp_1000_blocks_agrees_with_theory(case):
     assert result.ok, result.table()
 
 
+@pytest.mark.parametrize("case", [c for c in gate.cases() if c.depth < 1000], ids=str)
+def test_agrees_with_the_structural_theory(case):
+    # The same measurements against predict(model, inputs) of the first seed's network
+    # (weights="law": the theory of the initialisation the three seeds share), read from
+    # its calls and weights: no theory dictionary, and exact zero padding.
+    result, measured = compared(case)
+    torch.manual_seed(0)
+    model = case.builder()()
+    x = propagation.gaussian_inputs(case.shape, case.dtype)(0)
+    theory = propagation.predict(model, x, weights="law")
+    quantities = tuple(q for q in gate.ALL_QUANTITIES if q not in case.known[0])
+    comparison = propagation.compare(theory, measured, quantities=quantities)
+    assert comparison.ok, comparison.table()
+
+
 @pytest.mark.parametrize("case", gate.known_cases(), ids=str)
 def test_known_departures_still_depart(case):
     quantities, why = case.known

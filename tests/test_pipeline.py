@@ -44,18 +44,34 @@ def test_another_scheme_keeps_only_the_structure():
     assert not c.ok
 
 
-def test_a_model_without_theory_needs_a_scheme():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.f = nn.Linear(32, 32)
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(32, 32)
 
-        def forward(self, x):
-            return x + self.f(torch.relu(x))
+    def forward(self, x):
+        return x + self.f(torch.relu(x))
 
-    model = nn.Sequential(Block(), Block())
-    with pytest.raises(ValueError, match="theory needs a scheme"):
-        propagation.check(model, (16, 32), progress=False)
+
+def test_a_model_without_theory_is_checked_against_its_own():
+    # No .theory dict: the structural theory of the model (predict(model, inputs)).
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), _Block())
+    c = propagation.check(model, (64, 32), seeds=3, progress=False, diagnosis=False)
+    assert c.theory.scheme == "model:Sequential" and c.predict_kwargs["weights"] == "held"
+    assert c.ok, c.table()
+    # A builder gives one model per seed: the theory of their initialisation law.
+    c = propagation.check(lambda: nn.Sequential(_Block(), _Block()), (64, 32), seeds=3,
+                          progress=False, diagnosis=False)
+    assert c.predict_kwargs["weights"] == "law" and c.ok, c.table()
+
+
+def test_theory_model_takes_no_predict_arguments():
+    model = nn.Sequential(_Block(), _Block())
+    with pytest.raises(TypeError, match="theory='model' takes no predict keyword"):
+        propagation.check(model, (16, 32), theory="model", scheme="none", progress=False)
+    with pytest.raises(ValueError, match="theory"):
+        propagation.check(model, (16, 32), theory="schema", progress=False)
 
 
 def test_a_single_block_is_checked_without_a_diagnosis():
