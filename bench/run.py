@@ -20,6 +20,7 @@ Tables printed:
      gradients, each against the bare pass; --device cuda runs it on a GPU
   8. (--monitor) a training loop under propagation.monitor(every=100): off-steps, the
      sampled steps and the whole loop against the loop without it
+  9. (--structural) predict(model, x), the structural theory, against one bare forward
 
 Tables 1, 2 and 7 time `measure` after a first call on the same model, so they time the
 replay; table 7's "search" column forces the search every pass (search="always").
@@ -362,6 +363,47 @@ def monitor_table(quick):
           f"loop {total:.4f}x", flush=True)
 
 
+def structural_table(quick):
+    """Table 9: predict(model, x), the structural theory, against one bare forward pass of
+    the same model and batch (train mode, no_grad): the ResNet-50-sized torchvision-style
+    network at batch 32 (8 with --quick) and a Hugging Face ConvNeXt."""
+    import torch
+    import propagation
+    from propagation import zoo
+    torch.manual_seed(0)
+    size, batch = (32, 8) if quick else (64, 32)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    rows = [(f"resnet50 (tv, {size}x{size}, batch {batch})",
+             zoo.TVResNet(zoo.TVBottleneck, [3, 4, 6, 3], width=64))]
+    if zoo.available():
+        from transformers import ConvNextConfig, ConvNextModel
+        rows.append((f"convnext-tiny-ish (96..768, [3,3,9,3], {size}x{size}, batch {batch})",
+                     ConvNextModel(ConvNextConfig(hidden_sizes=[96, 192, 384, 768],
+                                                  depths=[3, 3, 9, 3]))))
+    from propagation import structural
+    print("\n9. predict(model, x) (structural theory) / one bare forward, same model and batch;"
+          "\n   cold: the weights read (a model's first predict), warm: their moments cached")
+    for name, model in rows:
+        model.train()
+
+        def bare(model=model):
+            with torch.no_grad():
+                model(x)
+
+        def cold(model=model):
+            structural.clear_cache()
+            propagation.predict(model, x)
+
+        def warm(model=model):
+            propagation.predict(model, x)
+        warm()  # first call: imports and the quadrature tables
+        reps = 3 if quick else 5
+        t_base, r_cold = paired(bare, cold, reps)
+        _, r_warm = paired(bare, warm, reps)
+        print(f"  {name:<58} cold {r_cold:5.2f}x  warm {r_warm:5.2f}x   (bare forward "
+              f"{t_base * 1e3:7.1f} ms)", flush=True)
+
+
 def make_tables():
     """Table 6: `make test` and a cold `make figures` in a temporary clone of HEAD.
 
@@ -402,6 +444,8 @@ def main():
                         help="only table 6: time make test and a cold make figures")
     parser.add_argument("--zoo", action="store_true", help="only table 7: the real shapes")
     parser.add_argument("--monitor", action="store_true", help="only table 8: monitoring")
+    parser.add_argument("--structural", action="store_true",
+                        help="only table 9: predict(model, x) against a bare forward")
     parser.add_argument("--device", default="cpu", help="device for table 7 (cpu or cuda)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -420,6 +464,8 @@ def main():
         return zoo_table(args.quick, args.device)
     if args.monitor:
         return monitor_table(args.quick)
+    if args.structural:
+        return structural_table(args.quick)
     start = time.perf_counter()
     print("ResNet-V2 basic blocks, batchnorm, train mode, 1 torch thread; sizes as printed "
           "(width, batch, image size; see the module docstring for why)")
@@ -428,6 +474,7 @@ def main():
     predict_table(args.quick)
     zoo_table(args.quick, args.device)
     monitor_table(args.quick)
+    structural_table(args.quick)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
