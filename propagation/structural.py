@@ -66,6 +66,7 @@ from . import _checks, kernels
 from .empirical import (_MODES, _NO_MERGES, NoMergesError, _call, _check_input,
                         _check_models, _input_source, _module_norm, _Recorder, _search,
                         _set_mode, _untouched, _WeakIds)
+from .predict import _logaddexp2
 from .profile import Normalised, Profile
 
 __all__ = ["predict_model", "State", "Op", "register_map", "supported_ops",
@@ -205,11 +206,26 @@ _SW[0] *= 0.5
 _SW[-1] *= 0.5
 
 
-def _apply(func, args, kwargs, z):
-    """``func`` applied elementwise to the float64 grid ``z``, with the call's other
-    arguments (``inplace`` acts on the grid, a fresh tensor)."""
-    out = func(z, *args[1:], **kwargs)
-    return out
+def _chain(funcs, z):
+    """The calls ``funcs`` applied in turn to the float64 grid ``z``, each with its own
+    other arguments (``inplace`` acts on a fresh copy of the grid)."""
+    for func, args, kwargs in funcs:
+        z = func(z.clone(), *args[1:], **kwargs)
+    return z
+
+
+def _grid_moments(funcs, s: State, nodes, weights) -> Tuple[float, float, float]:
+    """(q', v', nu') of the chain ``funcs`` at mu + sqrt(v) t, mu ~ N(nu, c - nu^2) by
+    Gauss-Hermite (outer), t on ``nodes`` with ``weights`` (inner: the noise, or the
+    maximum of a pooling window). The inner variance is formed centred: no cancellation."""
+    mu = s.nu + math.sqrt(s.spread) * _GH_X
+    z = torch.from_numpy(mu[:, None] + math.sqrt(max(s.v, 0.0)) * nodes[None, :])
+    with torch.no_grad():
+        f = _chain(funcs, z).double().numpy()
+    inner = f @ weights                               # E f, per mu
+    var = ((f - inner[:, None]) ** 2) @ weights       # Var f, per mu
+    c, v = float(_GH_W @ (inner * inner)), float(_GH_W @ var)
+    return c + v, v, float(_GH_W @ inner)
 
 
 def _elementwise(funcs, s: State) -> Tuple[float, float, float, float]:
@@ -218,28 +234,13 @@ def _elementwise(funcs, s: State) -> Tuple[float, float, float, float]:
     smooth = all(f in _SMOOTH for f, _, _ in funcs)
     tz, tw = (_SZ, _SW) if smooth else (_TZ, _TW)
     mz, mw = (_SZ, _SW) if smooth else (_MZ, _MW)
-    mu = s.nu + math.sqrt(s.spread) * _GH_X
-    eps = math.sqrt(max(s.v, 0.0)) * tz
-    z = torch.from_numpy(mu[:, None] + eps[None, :])
-    with torch.no_grad():
-        f = z
-        for func, args, kwargs in funcs:
-            f = _apply(func, args, kwargs, f.clone())
-    fn = f.double().numpy()
-    inner = fn @ tw                                   # E_eps f, per mu
-    var = ((fn - inner[:, None]) ** 2) @ tw           # Var_eps f, per mu: no cancellation
-    c = float(_GH_W @ (inner * inner))
-    v = float(_GH_W @ var)
-    nu = float(_GH_W @ inner)
+    q, v, nu = _grid_moments(funcs, s, tz, tw)
     # E (f'(z))^2 for the composed chain, z ~ N(nu, q - nu^2): autograd on a 1-D grid.
     zs = torch.from_numpy(s.nu + math.sqrt(max(s.q - s.nu * s.nu, 0.0)) * mz).requires_grad_(True)
     with torch.enable_grad():
-        g = zs
-        for func, args, kwargs in funcs:
-            g = _apply(func, args, kwargs, g.clone())
-        (d,) = torch.autograd.grad(g.sum(), zs, allow_unused=True)
+        (d,) = torch.autograd.grad(_chain(funcs, zs).sum(), zs, allow_unused=True)
     gain = 0.0 if d is None else float((d.double().numpy() ** 2) @ mw)
-    return c + v, v, nu, gain
+    return q, v, nu, gain
 
 
 def _relu(s: State) -> Tuple[float, float, float, float]:
@@ -702,24 +703,18 @@ def _binary(op: Op):
     a = op.args[0]
     b = op.args[1] if len(op.args) > 1 else op.kwargs.get("other")
     alpha = float(op.kwargs.get("alpha", 1))
-    if kind == "rsub":  # b - alpha a
-        a, b, kind, sign = b, a, "sub_rev", -alpha
+    # The additive kinds as k_a a + k_b b (rsub: b - alpha a).
+    k_a, k_b = {"add": (1.0, alpha), "sub": (1.0, -alpha), "rsub": (-alpha, 1.0)}.get(
+        kind, (1.0, 1.0))
+    additive = kind in ("add", "sub", "rsub")
     sa = op.state(a) if isinstance(a, Tensor) else None
     sb = op.state(b) if isinstance(b, Tensor) else None
-    if kind == "sub_rev":
-        sa, sb = sb, sa
-        a, b = b, a
-        k_a, k_b = sign, 1.0
-    elif kind == "sub":
-        k_a, k_b = 1.0, -alpha
-    else:
-        k_a, k_b = 1.0, alpha
     if sa is not None and sb is not None:
-        if kind in ("add", "sub", "sub_rev") and (sa.q == 0.0 or sb.q == 0.0):
-            keep, other = (sa, sb) if sb.q == 0.0 else (sb, sa)
+        if additive and (sa.q == 0.0 or sb.q == 0.0):  # an exactly zero operand: the other
+            keep = sa if sb.q == 0.0 else sb           # (its chain of activations too)
             return (replace(keep, weights=max(sa.weights, sb.weights)),
                     [(a, k_a * k_a), (b, k_b * k_b)])
-        if kind in ("add", "sub", "sub_rev"):
+        if additive:
             q = k_a * k_a * sa.q + k_b * k_b * sb.q + 2.0 * k_a * k_b * sa.nu * sb.nu
             v = k_a * k_a * sa.v + k_b * k_b * sb.v
             return (State(q, v, k_a * sa.nu + k_b * sb.nu, weights=max(sa.weights, sb.weights),
@@ -737,7 +732,7 @@ def _binary(op: Op):
     x, s, const, k_x, k_c = (a, sa, b, k_a, k_b) if sa is not None else (b, sb, a, k_b, k_a)
     assert s is not None
     const = 0.0 if const is None else const
-    if kind in ("add", "sub", "sub_rev"):
+    if additive:
         return _affine(s, k_x, _times(const, k_c), x, op.out, op.ctx.channel_axis)
     if kind == "mul":
         return _affine(s, const, 0.0, x, op.out, op.ctx.channel_axis)
@@ -810,8 +805,9 @@ def _pad(op: Op):
                   pad_of=(base, pairs, f_total)), [(x, f)])
 
 
-def _pool_window(k, positions_in, positions_out):
-    return k if k else max(positions_in // max(positions_out, 1), 1)
+def _adaptive_window(x, out):
+    """Positions per window of an adaptive pooling from ``x`` to ``out`` (N, C, ...)."""
+    return max(int(np.prod(x.shape[2:])) // max(int(np.prod(out.shape[2:])), 1), 1)
 
 
 def _avg_pool(op: Op):
@@ -820,14 +816,11 @@ def _avg_pool(op: Op):
     1 / K of an output's gradient: gain 1 / K."""
     x = op.args[0]
     s = op.state(x)
-    spatial_in = int(np.prod(x.shape[2:])) if x.dim() > 2 else 1
-    spatial_out = int(np.prod(op.out.shape[2:])) if op.out.dim() > 2 else 1
     if op.func in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
         k = op.args[1] if len(op.args) > 1 else op.kwargs["kernel_size"]
-        kk = int(np.prod(k)) if isinstance(k, (list, tuple)) else int(k) ** (x.dim() - 2)
+        kk = max(int(np.prod(k)) if isinstance(k, (list, tuple)) else int(k) ** (x.dim() - 2), 1)
     else:
-        kk = _pool_window(0, spatial_in, spatial_out)
-    kk = max(kk, 1)
+        kk = _adaptive_window(x, op.out)
     v = s.v / kk
     return State(s.c + v, v, s.nu, s.weights, s.last_weight), [(x, 1.0 / kk)]
 
@@ -858,9 +851,7 @@ def _max_pool(op: Op):
     s = op.state(x)
     k = op.args[1] if len(op.args) > 1 else op.kwargs.get("kernel_size")
     if op.func in (F.adaptive_max_pool1d, F.adaptive_max_pool2d):
-        spatial_in = int(np.prod(x.shape[2:]))
-        spatial_out = int(np.prod(op.out.shape[2:]))
-        kk = _pool_window(0, spatial_in, spatial_out)
+        kk = _adaptive_window(x, op.out)
     else:
         kk = int(np.prod(k)) if isinstance(k, (list, tuple)) else int(k or 1) ** (x.dim() - 2)
     base: State = s.chain[0] if s.chain else s
@@ -868,19 +859,8 @@ def _max_pool(op: Op):
     from scipy.stats import norm
     # The maximum's density on the trapezoid grid; E over it of f(mu + sqrt(v) m).
     dens = kk * norm.pdf(_TZ) * norm.cdf(_TZ) ** (kk - 1) * (_TZ[1] - _TZ[0])
-    mu = base.nu + math.sqrt(base.spread) * _GH_X
-    z = torch.from_numpy(mu[:, None] + math.sqrt(max(base.v, 0.0)) * _TZ[None, :])
-    f = z
-    with torch.no_grad():
-        for func, args, kwargs in chain:
-            f = _apply(func, args, kwargs, f.clone())
-    fn = f.double().numpy()
-    inner = fn @ dens
-    var = ((fn - inner[:, None]) ** 2) @ dens
-    c = float(_GH_W @ (inner * inner))
-    v = float(_GH_W @ var)
-    nu = float(_GH_W @ inner)
-    return State(c + v, v, nu, s.weights, s.last_weight), [(x, 1.0)]
+    q, v, nu = _grid_moments(chain, base, _TZ, dens)
+    return State(q, v, nu, s.weights, s.last_weight), [(x, 1.0)]
 
 
 def _cat(op: Op):
@@ -976,8 +956,7 @@ _SOURCES = frozenset((F.embedding,))
 #: Calls whose output does not depend on the values of their tensor arguments.
 _CONSTANT = (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
              torch.randn_like, torch.rand_like, torch.Tensor.new_zeros, torch.Tensor.new_ones,
-             torch.Tensor.new_empty, torch.Tensor.new_full, torch.Tensor.new_tensor,
-             torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel)
+             torch.Tensor.new_empty, torch.Tensor.new_full, torch.Tensor.new_tensor)
 
 #: The map of an elementwise function (quadrature; ReLU in closed form), for register_map.
 elementwise_map = _activation
@@ -1156,13 +1135,6 @@ class _Propagator(TorchFunctionMode):
         return g
 
 
-def _logaddexp2(a, b):
-    hi, lo = (a, b) if a >= b else (b, a)
-    if lo == -math.inf:
-        return hi
-    return hi + math.log2(1.0 + 2.0 ** (lo - hi))
-
-
 _TORCH_NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase,
                 *((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()))
 
@@ -1228,13 +1200,6 @@ class _TheoryRecorder(_Recorder):
         self._last_sum = None
 
 
-def _input_state(x, channel_axis) -> State:
-    """The state of the real input batch: second moment, the population channel variance and
-    the mean common to all channels (the squared channel mean of n samples carries
-    variance / n, removed as in ``comparison.input_state``)."""
-    return _measured_state(x, channel_axis)
-
-
 def predict_model(model, inputs, *, channel_axis: int = 1, mode: str = "init",
                   weights: str = "held", padding: str = "exact",
                   unsupported: str = "raise") -> Profile:
@@ -1292,7 +1257,9 @@ def predict_model(model, inputs, *, channel_axis: int = 1, mode: str = "init",
     with _untouched(model) as modules:
         _set_mode(modules, mode)
         if x_run.is_floating_point():
-            s0 = _input_state(x, channel_axis)
+            # The input's state from the whole batch (the squared channel mean of n samples
+            # carries variance / n: removed, as comparison.input_state does).
+            s0 = _measured_state(x, channel_axis)
             prop.set(x_run, s0)
         else:
             s0 = None

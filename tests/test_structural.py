@@ -336,3 +336,29 @@ def test_the_readme_map_example():
     finally:
         for f in funcs + [F.softsign]:
             structural._MAPS.pop(f, None)
+
+
+def test_constant_minus_activation_and_scalar_arithmetic():
+    # c - f(x), f(x) / 2 and -1 * f(x): the affine maps of rsub, div and mul with their
+    # signs, against measurement.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(128, 128, bias=False)
+
+        def forward(self, x):
+            h = self.lin(torch.relu(x))
+            return x + -1.0 * ((0.5 - h) / 2)
+
+    class Rsub(Block):
+        def forward(self, x):
+            return x + torch.rsub(self.lin(torch.relu(x)), 0.25, alpha=2.0)  # 0.25 - 2 h
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Rsub(), Block())
+    x = torch.randn(256, 128)
+    theory = predict(model, x)
+    measured = propagation.measure(model, x)
+    assert theory.depth == measured.depth == 3
+    comparison = propagation.compare(theory, measured)
+    assert comparison.ok, comparison.table()
