@@ -41,6 +41,12 @@ from .profile import Normalised, Profile
 
 #: Target relative tolerances (ln(1 + t) in log space) per quantity, from issue 4.
 TOLERANCE = {"second_moment": 0.10, "squared_mean": 0.15, "variance": 0.15, "grad": 0.25}
+#: With a finite-width theory (``predict(..., width=n)``) the band is its predicted spread
+#: plus these: the error allowed the theory's median. 5% on second moments is issue 14's
+#: target for the median; squared means, variances and gradients carry 1/n mean corrections
+#: that the leading-order theory has only in part (the normalisations' division by a realised
+#: variance, E[1/v] > 1/E[v], is left out), measured by ``make calibrate`` at up to 0.1 nats.
+SPREAD_TOLERANCE = {"second_moment": 0.05, "squared_mean": 0.10, "variance": 0.10, "grad": 0.10}
 #: Relative variance, times the width, of the squared-norm gain of one ReLU + weight layer.
 _PER_LAYER = 7.0
 _FALSE_ALARM = 0.01  # chance that a healthy network fails somewhere in one comparison
@@ -215,8 +221,19 @@ def compare(theory: Profile, measured: Profile, *, width: Optional[int] = None,
     n_checks = len(quantities) * (2 * theory.depth + 1)
     z = float(norm.isf(_FALSE_ALARM / (2 * n_checks)))
 
+    spread = theory.spread
+    if spread is not None and spread.width != width:
+        warnings.warn(f"the theory's spread is for width {spread.width}, the comparison's width "
+                      f"is {width}; the spread is used as predicted", RuntimeWarning, stacklevel=2)
+
     def add(part, quantity, pred_log2, meas_log2, sig, tol, floor_log2=None):
         half = z * _MEDIAN_SE * sig / math.sqrt(seeds)
+        median = sigma = valid = None
+        if spread is not None:
+            med_stats, sig_stats = spread.part(part)
+            median = getattr(med_stats, f"log2_{quantity}")
+            sigma = getattr(sig_stats, f"log2_{quantity}") * math.log(2.0)
+            valid = getattr(spread, f"valid_{part}")
         for l, (p2, m2) in enumerate(zip(pred_log2, meas_log2)):
             if not np.isfinite(p2) and not np.isfinite(m2):
                 continue  # both exactly zero (e.g. a zero branch): nothing to compare
@@ -232,11 +249,19 @@ def compare(theory: Profile, measured: Profile, *, width: Optional[int] = None,
                                 math.log(9.0), ok, resolved=False))
                 continue
             lr = (m2 - p2) * math.log(2.0)
-            # The theory is the mean of the second moment (and of G); the median of a
-            # log-normal lies sigma^2 / 2 below it. How the mean splits into squared mean and
-            # variance has no such simple law, so those are centred on the theory itself.
-            centre = -0.5 * sig[l] ** 2 if quantity == "second_moment" else 0.0
-            band = math.log1p(tol) + half[l]
+            if (median is not None and valid[l] and np.isfinite(median[l])
+                    and np.isfinite(sigma[l])):
+                # The finite-width theory: centred on the predicted median, the band from its
+                # predicted spread (the median of S seeds: 1.25 sigma / sqrt(S)).
+                centre = float((median[l] - p2) * math.log(2.0))
+                band = (math.log1p(SPREAD_TOLERANCE[quantity])
+                        + z * _MEDIAN_SE * float(sigma[l]) / math.sqrt(seeds))
+            else:
+                # The theory is the mean of the second moment (and of G); the median of a
+                # log-normal lies sigma^2 / 2 below it. How the mean splits into squared mean and
+                # variance has no such simple law, so those are centred on the theory itself.
+                centre = -0.5 * sig[l] ** 2 if quantity == "second_moment" else 0.0
+                band = math.log1p(tol) + half[l]
             ok = bool(np.isfinite(lr) and abs(lr - centre) <= band)
             rows.append(Row(part, quantity, l, float(np.exp2(p2)), float(np.exp2(m2)),
                             float(lr), float(centre), float(band), ok))

@@ -196,6 +196,7 @@ def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inp
         kwargs = {"model": type(models[0]).__name__, "weights": predicted.meta["weights"]}
     else:
         kwargs = theory_kwargs(models[0], measured, theory, overrides, shape)
+        kwargs.update(_finite_width(kwargs, measured, width))
         predicted = predict(**kwargs)
     comparison = compare(predicted, measured, width=width, quantities=quantities)
     found, note = None, ""
@@ -207,6 +208,22 @@ def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inp
         found = diagnose(measured)
     return Check(predicted, measured, comparison, found, jsonable_kwargs(kwargs), note,
                  tuple(models))
+
+
+def _finite_width(kwargs: Mapping[str, Any], measured: Profile, width: Optional[int]) -> dict:
+    """``width`` and ``batch`` for the finite-width theory, where it applies: networks whose
+    merges hold one vector per input (MLPs; every statistic averages over the batch alone).
+    Convolutional and sequence tensors average over positions too, which are not exchangeable
+    with inputs; they keep the 7/n band of ``compare`` (README: finite width)."""
+    if "width" in kwargs or measured.samples_per_channel is None:
+        return {}
+    n = np.asarray(measured.samples_per_channel, dtype=np.float64)
+    shape = measured.meta.get("input_shape")
+    batch = int(shape[0]) if shape else None
+    width = width or measured.channels
+    if width is None or batch is None or not np.all(n == batch) or batch < 2:
+        return {}
+    return {"width": int(width), "batch": int(batch)}
 
 
 def theory_kwargs(model: torch.nn.Module, measured: Profile,

@@ -40,8 +40,10 @@ def make_plan(depth: int, stages: Optional[Sequence[int]] = None, project_first:
 def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[int]] = None,
             project_first: bool = True, layers: int = 2, input_second_moment: float = 1.0,
             input_squared_mean: float = 0.0, padding_factors: Optional[ArrayLike] = None,
-            branch_gain: float = 1.0, **params: Any) -> Profile:
-    """Predict per-block signal propagation at initialisation in the infinite-width limit.
+            branch_gain: float = 1.0, width: Optional[int] = None, batch: Optional[int] = None,
+            **params: Any) -> Profile:
+    """Predict per-block signal propagation at initialisation: the infinite-width values and,
+    with ``width``, the distribution of a single network's statistics at that width.
 
     Two forms:
 
@@ -69,6 +71,14 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
         branch_gain: an extra multiplier at the end of every residual branch (default 1);
             ``diagnose`` fits it to say how a network's branches are scaled against a
             scheme's.
+        width: channels of the residual stream. Given, the profile also carries ``spread``,
+            the predicted distribution over initialisations of every statistic of one
+            network of that width (:mod:`propagation.finite`): ``.quantile(0.5)`` is the
+            predicted median profile, ``.quantile(0.05)`` and ``.quantile(0.95)`` the 90%
+            band. Default: none (the infinite-width limit only).
+        batch: inputs per batch that each statistic averages over (samples per channel);
+            it sets the finite-sample floor of the squared mean and how much the batch
+            averages the spread. Default: the infinite-batch limit. Only with ``width``.
         **params: the scheme's own parameters (e.g. ``alpha`` for skipinit and nf).
 
     Returns:
@@ -81,11 +91,13 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
     """
     if _is_module(depth):
         if (stages is not None or not project_first or layers != 2 or input_second_moment != 1.0
-                or input_squared_mean != 0.0 or padding_factors is not None or branch_gain != 1.0):
+                or input_squared_mean != 0.0 or padding_factors is not None or branch_gain != 1.0
+                or width is not None or batch is not None):
             raise TypeError("predict(model, inputs) takes the keyword arguments of "
                             "propagation.structural.predict_model (channel_axis, mode, weights, "
                             "padding, unsupported), not the scheme form's stages, layers, "
-                            "input moments, padding_factors or branch_gain")
+                            "input moments, padding_factors, branch_gain, width or batch "
+                            "(the finite-width spread covers the scheme form only)")
         from .structural import predict_model
         return predict_model(depth, scheme, **params)
     setup = _setup(depth, scheme, stages, project_first, layers, input_second_moment,
@@ -98,6 +110,19 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
         lq_x, e_x = _block_inputs_scan(block, plan, math.log2(q0), (q0 - m0) / q0)
         prof = _profile(block, plan, lq_x, e_x)
     share = prof[3]
+    spread = None
+    if width is not None:
+        from .finite import spread as finite_spread
+        width = _checks.positive_int("width", width)
+        if batch is not None:
+            batch = _checks.positive_int("batch", batch)
+            if batch < 2:
+                raise ValueError(f"batch must be at least 2 (a squared channel mean over one "
+                                 f"input is its second moment), got {batch}")
+        spread = finite_spread(block, plan, q0, m0, width, batch, share=np.asarray(share),
+                               grad_log2=prof[2].log2_second_moment)
+    elif batch is not None:
+        raise TypeError("batch is only used with width (the finite-width spread); pass width=<channels>")
     return Profile(skip=prof[0], branch=prof[1], grad=prof[2], depth=plan.depth,
                    projection=plan.projection, source="theory", scheme=setup.name,
                    params=setup.profile_params,
@@ -108,8 +133,9 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
                                   for layer in block.pre + block.branch),
                        pre=any(layer.normalises or layer.resets for layer in block.pre),
                        post=any(layer.normalises or layer.resets for layer in block.post)),
-                   input_second_moment=q0, input_squared_mean=m0,
-                   meta={"input_second_moment": q0, "input_squared_mean": m0})
+                   input_second_moment=q0, input_squared_mean=m0, spread=spread,
+                   meta={"input_second_moment": q0, "input_squared_mean": m0,
+                         **({"width": width, "batch": batch} if width is not None else {})})
 
 
 def _is_module(obj):

@@ -8,7 +8,7 @@ access and warn, never silently, when a value does not fit in float64.
 import json
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -120,6 +120,9 @@ class Profile:
             through the residual branch (``compare`` sizes the gradient band with it).
         normalised: where the block normalises (:class:`Normalised`).
         input_second_moment, input_squared_mean: the state of x_0 the theory started from.
+        spread: for ``predict(..., width=n, batch=b)``, the predicted distribution of one
+            network's statistics (:class:`propagation.finite.Spread`: median and sigma per
+            position, in log2); ``quantile(p)`` reads it. None at infinite width.
 
     Measurement only (None on theory):
         block_input: Stats (depth,) of each block's input: for an identity shortcut the skip
@@ -170,6 +173,7 @@ class Profile:
     first_nonfinite_block: Optional[int] = None
     mode: Optional[str] = None
     readout: Optional[str] = None
+    spread: Optional[Any] = None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -184,12 +188,25 @@ class Profile:
         return _exp2("downscale", self.log2_downscale)
 
     def quantile(self, q: float) -> "Profile":
-        """Per-position quantile ``q`` in [0, 1] over ``samples`` (a Profile of the same shape)."""
-        if not self.samples:
-            raise ValueError("quantile needs a profile measured over several seeds "
-                             "(samples is empty); pass seeds=3 or more to measure")
-        skip, branch, grad = quantile_over(self.samples, q)
-        return replace(self, skip=skip, branch=branch, grad=grad, samples=())
+        """Per-position quantile ``q`` in [0, 1]: over ``samples`` for a measurement over
+        several seeds; for a theory predicted at a finite width (``predict(..., width=n)``),
+        the predicted quantile of a single network's statistics (``spread``). The result is a
+        Profile of the same shape, with neither samples nor spread."""
+        q = float(q)
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"q must be a probability in [0, 1], got {q!r}")
+        if self.samples:
+            skip, branch, grad = quantile_over(self.samples, q)
+        elif self.spread is not None:
+            from scipy.stats import norm
+            z = float(norm.ppf(q))
+            skip, branch, grad = (_shifted(self.spread.part(p), z)
+                                  for p in ("skip", "branch", "grad"))
+        else:
+            raise ValueError("quantile needs a profile measured over several seeds (pass "
+                             "seeds=3 or more to measure) or a theory at a finite width "
+                             "(predict(..., width=n))")
+        return replace(self, skip=skip, branch=branch, grad=grad, samples=(), spread=None)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (linear and log2 values; ``samples`` included)."""
@@ -214,6 +231,7 @@ class Profile:
                 "merge_log2_second_moment": array(self.merge_log2_second_moment),
                 "first_nonfinite_block": self.first_nonfinite_block, "mode": self.mode,
                 "readout": self.readout,
+                "spread": None if self.spread is None else self.spread.to_dict(),
                 "meta": {k: _jsonable(v) if isinstance(v, np.ndarray) else v
                          for k, v in self.meta.items()},
                 "samples": [s.to_dict() for s in self.samples]}
@@ -241,6 +259,7 @@ class Profile:
                    merge_log2_second_moment=array(d.get("merge_log2_second_moment")),
                    first_nonfinite_block=d.get("first_nonfinite_block"), mode=d.get("mode"),
                    readout=d.get("readout"),
+                   spread=_spread_from(d.get("spread")),
                    meta=d.get("meta", {}))
 
     def to_json(self, **kw) -> str:
@@ -252,6 +271,13 @@ class Profile:
                 f"seeds={len(self.samples) or 1}, params={self.params})")
 
 
+def _spread_from(d):
+    if d is None:
+        return None
+    from .finite import Spread
+    return Spread.from_dict(d)
+
+
 def _stats_dict(s):
     return {f"log2_{k}": _jsonable(getattr(s, f"log2_{k}")) for k in QUANTITIES}
 
@@ -259,6 +285,15 @@ def _stats_dict(s):
 def _stats_from(d):
     return Stats(*(np.array([float(v) for v in d[f"log2_{k}"]], dtype=np.float64)
                    for k in QUANTITIES))
+
+
+def _shifted(median_sigma, z):
+    """median + z sigma per quantity (log2) of a (median, sigma) pair of Stats; z = 0 keeps
+    infinite values as they are."""
+    median, sigma = median_sigma
+    with np.errstate(invalid="ignore"):
+        return Stats(*(getattr(median, f"log2_{k}") + (z * getattr(sigma, f"log2_{k}") if z else 0.0)
+                       for k in QUANTITIES))
 
 
 def quantile_over(profiles, q):

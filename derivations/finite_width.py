@@ -1,0 +1,135 @@
+"""The one-channel moments behind the finite-width theory (propagation/finite.py), derived.
+
+Given the common factor g, the b values of a channel are i.i.d.; the covariance of the
+statistics Y_f = mean_i f_i^2 and Z_f = (mean_i f_i)^2 then follows from the element
+moments by counting index patterns. These derivations expand the sums over index tuples for
+b = 2..6 with symbolic element moments and compare them with the closed counts that
+``propagation.finite`` evaluates (``counted``), so the counts cannot drift. They also derive
+the truncated Gaussian moments E[relu(X)^k] for X ~ N(mu, s^2), k = 1..4, and the Gaussian
+(Wishart) covariance of (Y, Z) for an exchangeable covariance.
+"""
+import itertools
+
+import sympy as sp
+
+from ._record import Derivation
+
+
+def _element_moment(indices, f, h):
+    """E[prod f_i^a h_i^c | g] for an index assignment: a product over distinct indices of
+    mixed moments M(a, c) = E[f^a h^c]."""
+    counts = {}
+    for idx, which in indices:
+        a, c = counts.get(idx, (0, 0))
+        counts[idx] = (a + 1, c) if which == "f" else (a, c + 1)
+    out = sp.Integer(1)
+    for a, c in counts.values():
+        out *= sp.Symbol(f"M{a}{c}")
+    return out
+
+
+def expanded(b):
+    """E[Y_f Y_h], E[Y_f Z_h], E[Z_f Z_h] by brute-force expansion over index tuples."""
+    rng = range(b)
+    yy = sum(_element_moment(((i, "f"), (i, "f"), (j, "h"), (j, "h")), "f", "h")
+             for i in rng for j in rng) / b ** 2
+    yz = sum(_element_moment(((i, "f"), (i, "f"), (j, "h"), (k, "h")), "f", "h")
+             for i in rng for j in rng for k in rng) / b ** 3
+    zz = sum(_element_moment(((i, "f"), (j, "f"), (k, "h"), (l, "h")), "f", "h")
+             for i, j, k, l in itertools.product(rng, repeat=4)) / b ** 4
+    return sp.expand(yy), sp.expand(yz), sp.expand(zz)
+
+
+def counted(b):
+    """The same expectations as propagation.finite counts them (by partition pattern)."""
+    M = {k: sp.Symbol(f"M{k}") for k in ("20", "02", "10", "01", "22", "21", "12", "11")}
+    c1, c2 = b, b * (b - 1)
+    c3, c4 = c2 * (b - 2), c2 * (b - 2) * (b - 3)
+    f1, f2, h1, h2 = M["10"], M["20"], M["01"], M["02"]
+    f2h2, f2h1, f1h2, f1h1 = M["22"], M["21"], M["12"], M["11"]
+    yy = (c1 * f2h2 + c2 * f2 * h2) / sp.Integer(b) ** 2
+    yz = (c1 * f2h2 + c2 * f2 * h2 + 2 * c2 * f2h1 * h1 + c3 * f2 * h1 ** 2) / sp.Integer(b) ** 3
+    zz = (c1 * f2h2 + c2 * f2 * h2 + 2 * c2 * f1h1 ** 2 + 2 * c2 * (f2h1 * h1 + f1h2 * f1)
+          + c3 * (f2 * h1 ** 2 + h2 * f1 ** 2 + 4 * f1h1 * f1 * h1)
+          + c4 * f1 ** 2 * h1 ** 2) / sp.Integer(b) ** 4
+    return sp.expand(yy), sp.expand(yz), sp.expand(zz)
+
+
+def pattern_counts(bs=range(2, 7)):
+    """The counts agree with the expansion for every b in ``bs`` (exact polynomials)."""
+    for b in bs:
+        for e, c, name in zip(expanded(b), counted(b), ("E[Y Y]", "E[Y Z]", "E[Z Z]")):
+            if sp.simplify(e - c) != 0:
+                raise AssertionError(f"{name} at b={b}: expansion and count differ by {e - c}")
+    return Derivation("pattern counts", sp.Symbol("ok"),
+                      f"E[Y_f Y_h], E[Y_f Z_h], E[Z_f Z_h] by index patterns = brute-force "
+                      f"expansion, b = {min(bs)}..{max(bs)}")
+
+
+def relu_truncated_moments():
+    """E[relu(X)^k] for X ~ N(mu, s^2), in terms of t = mu / s, Phi(t) and phi(t)."""
+    mu = sp.Symbol("mu", real=True)
+    s = sp.Symbol("s", positive=True)
+    t = mu / s
+    Phi = (1 + sp.erf(t / sp.sqrt(2))) / 2
+    phi = sp.exp(-t ** 2 / 2) / sp.sqrt(2 * sp.pi)
+    claimed = {1: mu * Phi + s * phi,
+               2: (mu ** 2 + s ** 2) * Phi + mu * s * phi,
+               3: (mu ** 3 + 3 * mu * s ** 2) * Phi + (mu ** 2 + 2 * s ** 2) * s * phi,
+               4: (mu ** 4 + 6 * mu ** 2 * s ** 2 + 3 * s ** 4) * Phi + (mu ** 3 + 5 * mu * s ** 2) * s * phi}
+    out = []
+    import mpmath
+    mpmath.mp.dps = 40
+    for k, expr in claimed.items():
+        f = sp.lambdify((mu, s), expr, "mpmath")
+        # Against direct integration of x^k over the positive half-line, at three points.
+        for mv, sv in (("-1.5", "1"), ("0", "2"), ("0.7", "0.333")):
+            m_, s_ = mpmath.mpf(mv), mpmath.mpf(sv)
+            exact = mpmath.quad(lambda v: v ** k * mpmath.npdf(v, m_, s_), [0, m_ + 20 * s_]) \
+                if m_ + 20 * s_ > 0 else mpmath.mpf(0)
+            if abs(exact - f(m_, s_)) > mpmath.mpf(10) ** -25:
+                raise AssertionError(f"E[relu(X)^{k}] at mu={mv}, s={sv}: off by {exact - f(m_, s_)}")
+        out.append(Derivation(f"E[relu(X)^{k}]", expr,
+                              "X ~ N(mu, s^2); checked against 40-digit quadrature at three points"))
+    return out
+
+
+def wishart_covariance():
+    """Cov of (Y, Z) for z ~ N(0, K), K = (1 - rho) I + rho J over b inputs, b symbolic."""
+    b, rho = sp.symbols("b rho", positive=True)
+    # tr(K^2), 1'K1 and 1'K^2 1 for the exchangeable K, from its two eigenvalues:
+    # 1 - rho (multiplicity b - 1) and 1 - rho + b rho (on the all-ones vector).
+    lam0, lam1 = 1 - rho, 1 - rho + b * rho
+    trK2 = (b - 1) * lam0 ** 2 + lam1 ** 2
+    one_K_one, one_K2_one = b * lam1, b * lam1 ** 2
+    m = one_K_one / b ** 2
+    var_y = sp.simplify(2 * trK2 / b ** 2)
+    var_z = sp.simplify(2 * one_K_one ** 2 / b ** 4)
+    cov_yz = sp.simplify(2 * one_K2_one / b ** 3)
+    claim_y = 2 / b * (1 + (b - 1) * rho ** 2)
+    if sp.simplify(var_y - claim_y) != 0 or sp.simplify(var_z - 2 * m ** 2) != 0 \
+            or sp.simplify(cov_yz - 2 * m ** 2) != 0:
+        raise AssertionError("the Wishart covariance of (Y, Z) differs from finite._wishart")
+    return [Derivation("Var[Y] (Gaussian channel)", claim_y, "2 tr(K^2) / b^2"),
+            Derivation("Var[Z] = Cov[Y, Z] (Gaussian channel)", sp.factor(2 * m ** 2),
+                       "2 (1'K1)^2 / b^4 = 2 1'K^2 1 / b^3, m = rho + (1 - rho) / b")]
+
+
+def relu_kurtosis():
+    """Kurtosis of relu(z), z ~ N(0, 1), for the finite-batch BatchNorm backward term."""
+    z = sp.Symbol("z", real=True)
+    phi = sp.exp(-z ** 2 / 2) / sp.sqrt(2 * sp.pi)
+    m = [sp.integrate(z ** k * phi, (z, 0, sp.oo)) for k in range(5)]
+    mu, var = m[1], m[2] - m[1] ** 2
+    c4 = m[4] - 4 * mu * m[3] + 6 * mu ** 2 * m[2] - 3 * mu ** 4
+    k = sp.simplify(c4 / var ** 2)
+    claim = (6 * sp.pi ** 2 - 10 * sp.pi - 3) / (sp.pi - 1) ** 2
+    if sp.simplify(k - claim) != 0:
+        raise AssertionError(f"kurtosis of relu(z): derived {k}, finite.py uses {claim}")
+    return Derivation("kurtosis of relu(z)", claim,
+                      f"E[(r - E r)^4] / Var[r]^2 = {float(claim):.6f}; "
+                      "BatchNorm's backward gain at batch b is 1 + (kurtosis - 2)/b of 1/v")
+
+
+def derivations():
+    return [pattern_counts()] + relu_truncated_moments() + wishart_covariance() + [relu_kurtosis()]

@@ -1,0 +1,598 @@
+"""Finite-width theory: the distribution over initialisations of one network's statistics.
+
+The infinite-width recursion (``predict``) gives the mean state of every tensor: its second
+moment q and the correlation rho between two different inputs. A network of width n is one
+draw. To leading order in 1/n its statistics are Gaussian in log space around a shifted
+centre, and this module derives that distribution layer by layer from the maps themselves.
+
+The state of a tensor
+---------------------
+Over a batch of b exchangeable inputs, the Gram matrix of a tensor over its n channels is
+K = (1/n) sum_c x_c x_c^T (x_c: channel c over the batch). The statistics ``measure`` reads
+are linear in K: the second moment q = tr K / b and the squared channel mean
+m = 1^T K 1 / b^2, so that with the mean off-diagonal entry c = rho q,
+m = c + (q - c) / b and v = q - m = (q - c)(1 - 1/b). The fluctuation of a tensor is the
+pair (dq / q, dc / q): a Gaussian vector with a mean (the 1/n shift) and a covariance.
+
+Where fluctuations come from (each 1/n)
+---------------------------------------
+* A weight layer samples its n output channels, given its input, as i.i.d. N(0, s^2 K_in):
+  the output Gram is a Wishart draw around its mean, with covariance (1/n) Cov[(Y, Z)] of
+  one channel's Y = mean_i z_i^2 and Z = (mean_i z_i)^2 (``channel_covariance``).
+* An elementwise nonlinearity phi maps the channels of its input exactly, but its output
+  Gram is not a function of the input Gram alone: for channels that are Gaussian given a
+  covariance S, K_phi = F(S) + e_phi and K_in = S + e_in, so
+  K_phi = F(K_in) + (e_phi - J e_in), J the Jacobian of the mean map F. The residual
+  e_phi - J e_in is the nonlinearity's own noise (Var[relu(z)^2] of the 7/n rule is in it),
+  computed from the joint one-channel moments of (z, phi(z)).
+* A residual merge y = s + f adds the cross term 2 s.f / (n b): given s, f = W h is
+  Gaussian with covariance s^2 K_h, so the cross term has variance 4 tr(A K_s A K_f) / n for
+  the statistic tr(A K) (A = I / b for q, 11^T / b^2 for m). Along the batch's common
+  direction this does not average over the batch: it is what keeps normalised networks'
+  spread finite but not 1/b-small.
+* Normalisations fix what they normalise: BatchNorm's q and m are exact (no spread passes
+  it), LayerNorm maps K to D^-1/2 K D^-1/2 (its Jacobian, no noise of its own).
+
+Between layers the fluctuation propagates through the Jacobian of the layer's mean map,
+and its mean through the Hessian as well (the 1/n correction of the mean: E[F(K)] =
+F(E K) + 1/2 F'' Var K). Both are taken by finite differences of the layers' own ``forward``,
+so every layer that ``predict`` has is covered without a second description of it.
+
+Approximations (stated, and measured by ``make calibrate``)
+-----------------------------------------------------------
+* Channels are treated as Gaussian given their covariance (exact after a weight layer; for
+  the residual stream, a sum of such, the leading order).
+* The nonlinearity's residual noise is taken as fresh at every block. In fact the stream's
+  channels persist from block to block, so the residuals of consecutive blocks correlate;
+  for the gradient the dominant such term (the ReLU masks on the stream, shared by blocks
+  whose streams are correlated) is included, see :func:`grad_spread`.
+* Negative correlations (BatchNorm's -1/(b-1)) are set to 0 in the noise terms (an O(1/b)
+  change of an O(1/n) term).
+* The expansion is in the fluctuation over its mean: it stops where the predicted standard
+  deviation of a log statistic is no longer small (``Spread.valid`` marks positions where
+  it is below 0.5 nats for q, m and v); there, at depth / width of order one, the
+  log-normal shape and the 1/n mean shift are themselves only indicative.
+"""
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+
+from .layers import MATH, BatchNorm, BlockGain, Gain, LayerNorm, ReLU, ReLUScaledWS, ReLUWeight, Zero
+from .profile import Stats
+
+LN2 = math.log(2.0)
+_VALID_SIGMA = 0.5  # nats: beyond this the second-order expansion in the fluctuation is indicative only
+_VALID_SHIFT = 0.1  # nats: the largest first-order finite-batch shift of G that is trusted
+#: Kurtosis of relu(z), z ~ N(0, 1): E[(r - E r)^4] / Var[r]^2, derived in derivations/finite_width.py.
+_RELU_KURTOSIS = (6 * math.pi ** 2 - 10 * math.pi - 3) / (math.pi - 1) ** 2  # 5.4076
+
+
+# --- one channel: moments of Y = mean_i f(z_i)^2 and Z = (mean_i f(z_i))^2 -------------------
+
+_G = np.linspace(-10.0, 10.0, 8001)            # latent common factor g ~ N(0, 1)
+_W = np.exp(-0.5 * _G ** 2)
+_W /= _W.sum()                                 # trapezoid weights (the ends are ~e^-50)
+
+
+def _normal_cdf(t):
+    from scipy.special import ndtr
+    return ndtr(t)
+
+
+def _relu_powers(mu, s):
+    """E[relu(X)^k], k = 1..4, for X ~ N(mu, s^2), elementwise over mu (s > 0 scalar)."""
+    t = mu / s
+    Phi = _normal_cdf(t)
+    phi = np.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+    m1 = mu * Phi + s * phi
+    m2 = (mu * mu + s * s) * Phi + mu * s * phi
+    m3 = (mu ** 3 + 3.0 * mu * s * s) * Phi + (mu * mu + 2.0 * s * s) * s * phi
+    m4 = (mu ** 4 + 6.0 * mu * mu * s * s + 3.0 * s ** 4) * Phi + (mu ** 3 + 5.0 * mu * s * s) * s * phi
+    return m1, m2, m3, m4
+
+
+def _gauss_powers(mu, s):
+    s2 = s * s
+    return mu, mu * mu + s2, mu ** 3 + 3.0 * mu * s2, mu ** 4 + 6.0 * mu * mu * s2 + 3.0 * s2 * s2
+
+
+@lru_cache(maxsize=4096)
+def _channel_covariance(rho, b):
+    """Mean and covariance of (Y_z, Z_z, Y_r, Z_r) over one channel, where z is a batch of b
+    exchangeable N(0, 1) values with correlation rho >= 0 and r = relu(z).
+
+    Given the common factor g (z_i = sqrt(rho) g + sqrt(1 - rho) e_i) the b values are
+    i.i.d.; the moments of the sample statistics then follow from the element moments by
+    counting index patterns (derivations/finite_width.py checks the counts with sympy), and
+    the integral over g is a fine trapezoid rule (the conditional moments are smooth in g
+    unless rho -> 1, where they approach the kinked relu(g) itself).
+    """
+    rho = min(max(rho, 0.0), 1.0 - 1e-9)
+    mu = math.sqrt(rho) * _G
+    s = math.sqrt(1.0 - rho)
+    z = _gauss_powers(mu, s)
+    r = _relu_powers(mu, s)
+
+    def mixed(f, h, p, q):
+        # E[f^p h^q | g] for f, h in {z, r}: r^p z^q = r^(p+q) when p >= 1 (z = r where r > 0).
+        if f is h:
+            return f[p + q - 1]
+        if (f is r and p >= 1) or (h is r and q >= 1):
+            return r[p + q - 1]
+        return z[p + q - 1]
+
+    funcs = (z, r)
+    bf = float(b)
+    stats = []  # per function: E[Y|g], E[Z|g]
+    for f in funcs:
+        m1, m2 = f[0], f[1]
+        stats.append((m2, (bf * m2 + bf * (bf - 1.0) * m1 * m1) / bf ** 2))
+    mean = np.array([np.dot(_W, s_) for pair in stats for s_ in pair])
+    cov = np.zeros((4, 4))
+    for i, f in enumerate(funcs):
+        for j, h in enumerate(funcs):
+            f1, f2 = f[0], f[1]
+            h1, h2 = h[0], h[1]
+            f2h2 = mixed(f, h, 2, 2)
+            f2h1 = mixed(f, h, 2, 1)
+            f1h2 = mixed(f, h, 1, 2)
+            f1h1 = mixed(f, h, 1, 1)
+            c1 = bf
+            c2 = bf * (bf - 1.0)
+            c3 = c2 * (bf - 2.0)
+            c4 = c3 * (bf - 3.0)
+            yy = (c1 * f2h2 + c2 * f2 * h2) / bf ** 2
+            yz = (c1 * f2h2 + c2 * f2 * h2 + 2.0 * c2 * f2h1 * h1 + c3 * f2 * h1 * h1) / bf ** 3
+            zy = (c1 * f2h2 + c2 * f2 * h2 + 2.0 * c2 * f1h2 * f1 + c3 * h2 * f1 * f1) / bf ** 3
+            zz = (c1 * f2h2 + c2 * f2 * h2 + 2.0 * c2 * f1h1 * f1h1
+                  + 2.0 * c2 * (f2h1 * h1 + f1h2 * f1)
+                  + c3 * (f2 * h1 * h1 + h2 * f1 * f1 + 4.0 * f1h1 * f1 * h1)
+                  + c4 * f1 * f1 * h1 * h1) / bf ** 4
+            block = np.array([[np.dot(_W, yy), np.dot(_W, yz)], [np.dot(_W, zy), np.dot(_W, zz)]])
+            cov[2 * i:2 * i + 2, 2 * j:2 * j + 2] = block
+    cov -= np.outer(mean, mean)
+    # Covariance of each statistic with the common factor g (E[g] = 0, Var[g] = 1).
+    with_g = np.array([np.dot(_W, _G * s_) for pair in stats for s_ in pair])
+    return mean, cov, with_g
+
+
+def channel_covariance(rho: float, b: int):
+    """(mean, covariance) of one channel's (Y, Z) for z and relu(z), z exchangeable N(0, 1)
+    with correlation ``rho`` over ``b`` examples. Y = mean_i x_i^2, Z = (mean_i x_i)^2."""
+    return _channel_covariance(round(float(rho), 10), int(b))[:2]
+
+
+def _to_qc(b):
+    """The linear map (dY, dZ) -> (dq, dc): q = Y, c = (b Z - Y) / (b - 1). One input
+    (b = 1, the per-example walk) has no c: it is held at zero."""
+    if b == 1:
+        return np.array([[1.0, 0.0], [0.0, 0.0]])
+    return np.array([[1.0, 0.0], [-1.0 / (b - 1.0), b / (b - 1.0)]])
+
+
+def _wishart(rho, b):
+    """Covariance of one Gaussian channel's (Y, Z), z ~ N(0, (1 - rho) I + rho J) over b
+    inputs (rho >= -1/(b-1)): Cov[z'Az, z'Bz] = 2 tr(AKBK) with A = I/b, B = J/b^2 gives
+    Var Y = (2/b)(1 + (b-1) rho^2), Var Z = Cov[Y, Z] = 2 m^2, m = rho + (1 - rho)/b."""
+    m = rho + (1.0 - rho) / b
+    vy = 2.0 / b * (1.0 + (b - 1.0) * rho * rho)
+    return np.array([[vy, 2.0 * m * m], [2.0 * m * m, 2.0 * m * m]])
+
+
+@lru_cache(maxsize=4096)
+def _noise(rho, b, kind):
+    """Relative (dq/q, dc/q) covariance, times n, of the fresh noise of one map at input
+    correlation rho: "wishart" (a weight layer's output, Gaussian channels), "relu" (the
+    residual of a ReLU on Gaussian channels, in its output's relative coordinates) or
+    "relu_centred" (the same after a per-example centring over channels)."""
+    L = _to_qc(b)
+    if kind == "wishart":
+        return L @ _wishart(rho, b) @ L.T
+    # The common-factor representation needs rho >= 0; a negative rho is BatchNorm's
+    # -1/(b-1) (an O(1/b) correction to an O(1/n) term), taken as 0.
+    mean, cov, with_g = _channel_covariance(max(rho, 0.0), b)
+    Lz = L / mean[0]
+    Lr = L / mean[2]
+    czz = Lz @ cov[:2, :2] @ Lz.T
+    crr = Lr @ cov[2:, 2:] @ Lr.T
+    crz = Lr @ cov[2:, :2] @ Lz.T
+    J = _jacobian(ReLU(), 0.0, 1.0 - max(rho, 0.0), 0)[0]
+    res = crr - J @ crz.T - crz @ J.T + J @ czz @ J.T
+    if kind == "relu_centred":
+        # After a per-example centring over channels (LayerNorm), the channels' common
+        # factors average to exactly zero: the part of the residual linear in g, summed over
+        # channels, is removed (project it out; Var[g] = 1).
+        rg = Lr @ with_g[2:] - J @ (Lz @ with_g[:2])
+        res = res - np.outer(rg, rg)
+    return res
+
+
+# --- maps in relative coordinates ------------------------------------------------------------
+
+_H = 1e-4
+
+
+def _apply(layer, lq, e, l, d):
+    """The layer's output state, relative to its unperturbed output, for an input perturbed
+    by d = (dq/q, dc/q)."""
+    rho = 1.0 - e
+    lq_in = lq + math.log2(1.0 + d[0])
+    rho_in = (rho + d[1]) / (1.0 + d[0])
+    lq0, e0 = layer.forward(lq, e, l, MATH)
+    lq1, e1 = layer.forward(lq_in, 1.0 - rho_in, l, MATH)
+    ratio = 2.0 ** (lq1 - lq0)
+    return np.array([ratio - 1.0, (1.0 - e1) * ratio - (1.0 - e0)])
+
+
+def _jacobian(layer, lq, e, l):
+    """Jacobian (2x2) and Hessians (2 outputs x 2x2) of the layer's map in relative
+    coordinates, by central differences (one-sided where rho sits at 0 or 1)."""
+    rho = 1.0 - e
+    h = _H
+    # Keep the perturbed correlation inside [0, 1]: shift the stencil when rho is at an end.
+    off = np.zeros(2)
+    if rho - 2 * h < 0.0:
+        off[1] = 2 * h - rho
+    elif rho + 2 * h > 1.0:
+        off[1] = 1.0 - 2 * h - rho
+
+    def f(a, c):
+        return _apply(layer, lq, e, l, (a + off[0], c + off[1]))
+
+    f0 = f(0.0, 0.0)
+    fa_p, fa_m = f(h, 0.0), f(-h, 0.0)
+    fc_p, fc_m = f(0.0, h), f(0.0, -h)
+    J = np.stack(((fa_p - fa_m) / (2 * h), (fc_p - fc_m) / (2 * h)), axis=1)
+    Haa = (fa_p - 2 * f0 + fa_m) / h ** 2
+    Hcc = (fc_p - 2 * f0 + fc_m) / h ** 2
+    Hac = (f(h, h) - f(h, -h) - f(-h, h) + f(-h, -h)) / (4 * h * h)
+    Hs = np.array([[[Haa[k], Hac[k]], [Hac[k], Hcc[k]]] for k in range(2)])
+    if off.any():  # first-order correction of J for the shifted stencil
+        J = J - np.einsum("kij,j->ki", Hs, off)
+    return J, Hs
+
+
+class _Form:
+    """A tensor's relative fluctuation: mean ``mu`` and linear map ``M`` over independent
+    sources. Source "x" is the block input's fluctuation (covariance ``cx``); every other
+    source is a fresh unit Gaussian pair."""
+
+    def __init__(self, cols, mu):
+        self.cols = cols   # source -> (2, 2)
+        self.mu = mu
+
+    def map(self, J):
+        return _Form({k: J @ v for k, v in self.cols.items()}, J @ self.mu)
+
+    def cov(self, cx):
+        out = np.zeros((2, 2))
+        for k, v in self.cols.items():
+            out += v @ cx @ v.T if k == "x" else v @ v.T
+        return out
+
+    @staticmethod
+    def combine(a, wa, b, wb):
+        cols = {k: wa * v for k, v in a.cols.items()}
+        for k, v in b.cols.items():
+            cols[k] = cols.get(k, 0.0) + wb * v
+        return _Form(cols, wa * a.mu + wb * b.mu)
+
+    def add_noise(self, cov, key):
+        w, V = np.linalg.eigh(0.5 * (cov + cov.T))
+        root = V * np.sqrt(np.clip(w, 0.0, None))
+        cols = dict(self.cols)
+        cols[key] = root
+        return _Form(cols, self.mu)
+
+
+class _Walker:
+    """Walks a scheme's block, carrying mean states and fluctuation forms."""
+
+    def __init__(self, width, batch):
+        self.n = float(width)
+        self.b = int(batch)
+        self._key = 0
+        self.centred = False
+        self.ln_inputs = {}  # block -> relative variance of q at each LayerNorm's input
+
+    def fresh(self):
+        self._key += 1
+        return self._key
+
+    def layer(self, layer, form, lq, e, l, cx, centred=False):
+        """Apply one layer: returns the output form and mean state. ``centred``: the input
+        was just centred per example over its channels (LayerNorm)."""
+        if isinstance(layer, Zero) or (isinstance(layer, Gain) and layer.a == 0.0):
+            return None, -math.inf, 1.0
+        lq_o, e_o = layer.forward(lq, e, l, MATH)
+        if isinstance(layer, BatchNorm):
+            # Exactly q = 1 and a zero batch mean per channel: at batch b the correlation
+            # between two different inputs is -1/(b-1), not the infinite batch's 0.
+            return _Form({}, np.zeros(2)), lq_o, (1.0 + 1.0 / (self.b - 1.0)) if self.b > 1 else e_o
+        if isinstance(layer, (Gain, BlockGain)):
+            return form, lq_o, e_o
+        if isinstance(layer, LayerNorm):
+            self.ln_inputs.setdefault(l, []).append(float(form.cov(cx)[0, 0]))
+        J, Hs = _jacobian(layer, lq, e, l)
+        c_in = form.cov(cx)
+        shift = 0.5 * np.einsum("kij,ij->k", Hs, c_in)
+        out = form.map(J)
+        out.mu = out.mu + shift
+        rho_in = 1.0 - e
+        if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
+            res = _noise(round(rho_in, 10), self.b, "relu_centred" if centred else "relu") / self.n
+            if isinstance(layer, ReLUScaledWS):
+                # The standardised weights remove the ReLU output's common mean; its
+                # residual keeps its absolute size, relative to a smaller q.
+                res = res / (1.0 - 1.0 / math.pi) ** 2
+            out = out.add_noise(res, self.fresh())
+        if layer.is_weight_layer:
+            out = out.add_noise(_noise(round(1.0 - e_o, 10), self.b, "wishart") / self.n, self.fresh())
+        return out, lq_o, e_o
+
+    def chain(self, layers, form, lq, e, l, cx, centred=False):
+        """Apply ``layers``; ``centred``: whether the input is centred per example (then
+        ``self.centred`` says whether the output is)."""
+        for layer in layers:
+            if form is None:
+                self.centred = False
+                return None, -math.inf, 1.0
+            form, lq, e = self.layer(layer, form, lq, e, l, cx, centred)
+            # torch's LayerNorm centres each example over its channels (the reference
+            # networks' and the schemes' LayerNorm); a scalar gain keeps that.
+            centred = isinstance(layer, LayerNorm) or (centred and isinstance(layer, (Gain, BlockGain)))
+        self.centred = centred
+        return form, lq, e
+
+    def cross(self, lq_s, e_s, lq_b, e_b, q_y):
+        """Covariance (relative to q_y) of the cross term 2 s.f of a merge."""
+        b = self.b
+        qs, qb = 2.0 ** (lq_s - math.log2(q_y)), 2.0 ** (lq_b - math.log2(q_y))
+        # Exact for any exchangeable covariance, BatchNorm's negative correlation included.
+        rs, rb = 1.0 - e_s, 1.0 - e_b
+        a_s, g_s = qs * (1.0 - rs), qs * rs
+        a_b, g_b = qb * (1.0 - rb), qb * rb
+        m_s, m_b = g_s + a_s / b, g_b + a_b / b
+        vy = 4.0 * ((a_s * a_b + a_s * g_b + g_s * a_b) / b + g_s * g_b)
+        vz = 4.0 * m_s * m_b
+        cyz = np.array([[vy, vz], [vz, vz]]) / self.n
+        L = _to_qc(b)
+        return L @ cyz @ L.T
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The predicted distribution of a single network's statistics, per position and
+    quantity, in log2 units, as a log-normal: quantile p is median + Phi^-1(p) sigma.
+
+    ``*_median`` hold the finite batch's own squared-mean floor, the 1/n mean correction and
+    the log-normal's -sigma^2/2 below the mean; ``valid_*`` mark where the leading-order
+    expansion holds (sigma of q, m and v below 0.5 nats; the gradient: below 0.5 nats).
+    """
+
+    skip_median: Stats
+    skip_sigma: Stats
+    branch_median: Stats
+    branch_sigma: Stats
+    grad_median: Stats
+    grad_sigma: Stats
+    width: int
+    batch: Optional[int]
+    valid_skip: np.ndarray
+    valid_branch: np.ndarray
+    valid_grad: np.ndarray
+
+    _STATS = ("skip_median", "skip_sigma", "branch_median", "branch_sigma", "grad_median",
+              "grad_sigma")
+    _MASKS = ("valid_skip", "valid_branch", "valid_grad")
+
+    def part(self, name):
+        """(median, sigma) Stats of "skip", "branch" or "grad"."""
+        return getattr(self, f"{name}_median"), getattr(self, f"{name}_sigma")
+
+    def to_dict(self):
+        from .profile import _stats_dict
+        return {"width": self.width, "batch": self.batch,
+                **{f: _stats_dict(getattr(self, f)) for f in self._STATS},
+                **{f: [bool(v) for v in getattr(self, f)] for f in self._MASKS}}
+
+    @classmethod
+    def from_dict(cls, d):
+        from .profile import _stats_from
+        return cls(**{f: _stats_from(d[f]) for f in cls._STATS}, width=d["width"],
+                   batch=d["batch"], **{f: np.array(d[f], dtype=bool) for f in cls._MASKS})
+
+
+_INFINITE_BATCH = 2 ** 40  # the batch=None limit, numerically
+
+
+def _report(form, cx, lq, e, b):
+    """(median log2 q, m, v), (sigma log2 q, m, v) of a tensor with mean state (lq, e)."""
+    rho = 1.0 - e
+    P = form.cov(cx) if form is not None else np.zeros((2, 2))
+    mu = form.mu if form is not None else np.zeros(2)
+    fm = rho * (1.0 - 1.0 / b) + 1.0 / b       # m_b / q = rho + (1 - rho) / b
+    fv = e * (1.0 - 1.0 / b)                   # v_b / q
+    # Relative to q, a batch mean below 1e-9 is rounding: exactly zero (after BatchNorm and
+    # linear maps), and so is a variance below that.
+    zero_m, zero_v = fm < 1e-9, fv < 1e-9
+    w = (np.array([1.0, 0.0]),
+         np.array([1.0 / b, 1.0 - 1.0 / b]) / max(fm, 1e-9),
+         np.array([1.0, -1.0]) / max(e, 1e-9))
+    base = (lq, -math.inf if zero_m else lq + math.log2(fm),
+            -math.inf if zero_v else lq + math.log2(fv))
+    med, sig = [], []
+    for k, wk in enumerate(w):
+        if (k == 1 and zero_m) or (k == 2 and zero_v) or not np.isfinite(lq):
+            med.append(base[k] if np.isfinite(lq) else -math.inf)
+            sig.append(0.0)
+            continue
+        var = float(wk @ P @ wk)
+        med.append(base[k] + (float(wk @ mu) - 0.5 * var) / LN2)
+        sig.append(math.sqrt(max(var, 0.0)) / LN2)
+    return med, sig
+
+
+def _relus(layers):
+    return [layer for layer in layers if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU))]
+
+
+def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, input_noise=True,
+           _per_example=False):
+    """The :class:`Spread` of a scheme's block structure (``predict(..., width=n)``):
+    ``share`` and ``grad_log2`` are the infinite-width profile's gradient branch shares and
+    log2 G, which the backward spread is built on."""
+    n = float(width)
+    b = _INFINITE_BATCH if batch is None else int(batch)
+    D, proj = plan.depth, plan.projection
+    W = _Walker(n, b)
+    lq, e = math.log2(q0), (q0 - m0) / q0
+    cx = _noise(round(1.0 - e, 10), b, "wishart") / n if input_noise else np.zeros((2, 2))
+    mux = np.zeros(2)
+    sk_m, sk_s = np.full((3, D + 1), np.nan), np.full((3, D + 1), np.nan)
+    br_m, br_s = np.full((3, D), np.nan), np.full((3, D), np.nan)
+    lg_skip = 2.0 * math.log2(block.skip_gain) if block.skip_gain > 0 else -math.inf
+    # Backward ingredients per block: the branch gain's own relative variance, whether its
+    # first ReLU reads the stream's signs (no batch centring before it), the stream's
+    # correlation between inputs there and how much of the merge output the skip carries.
+    own = np.zeros(D)
+    bn_shift = np.zeros(D)   # the branch gain's finite-batch mean shift (BatchNorm backward)
+    on_stream = np.zeros(D, dtype=bool)
+    rho_stream = np.zeros(D)
+    keep = np.zeros(D)
+    stream_centred = False
+    for l in range(D):
+        x = _Form({"x": np.eye(2)}, mux.copy())
+        p, lq_p, e_p = W.chain(block.pre, x, lq, e, l, cx, stream_centred)
+        pre_centred = W.centred
+        f, lq_b, e_b = W.chain(block.branch, p, lq_p, e_p, l, cx, pre_centred)
+        if proj[l]:
+            s, lq_s, e_s = W.chain(block.projection, p, lq_p, e_p, l, cx, pre_centred)
+        else:
+            s, lq_s, e_s = x, lq + lg_skip, e
+        (sk_m[:, l], sk_s[:, l]) = _report(s, cx, lq_s, e_s, b)
+        (br_m[:, l], br_s[:, l]) = _report(f, cx, lq_b, e_b, b)
+        if f is None or lq_b == -math.inf:
+            y, lq_y, e_y = s, lq_s, e_s
+        else:
+            q_s, q_b = 2.0 ** lq_s, 2.0 ** lq_b
+            lq_y = math.log2(q_s + q_b) if np.isfinite(lq_s) else lq_b
+            ws = 2.0 ** (lq_s - lq_y) if np.isfinite(lq_s) else 0.0
+            wb = 2.0 ** (lq_b - lq_y)
+            e_y = ws * e_s + wb * e_b
+            y = _Form.combine(s, ws, f, wb) if s is not None else f.map(wb * np.eye(2))
+            if s is not None and np.isfinite(lq_s):
+                y = y.add_noise(W.cross(lq_s - lq_y, e_s, lq_b - lq_y, e_b, 1.0), W.fresh())
+            keep[l] = 0.0 if proj[l] else ws
+        # Backward ingredients of this block's branch.
+        layers = block.pre + block.branch
+        state = (lq, e)
+        first = True
+        prev_relu = False
+        for layer in layers:
+            if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
+                r = max(1.0 - state[1], 0.0)
+                own[l] += (5.0 / b + (1.0 - 1.0 / b) * (2.0 / math.pi) * math.asin(min(r, 1.0))) / n
+                if first:
+                    on_stream[l] = not proj[l]
+                    rho_stream[l] = r
+                first = False
+            if isinstance(layer, BatchNorm):
+                own[l] += 2.0 / (n * max(b - 1, 1))
+                # Backwards BatchNorm divides by the sample variance s^2 and projects out
+                # the batch mean and the normalised input: E[1/s^2] (1 - 2/b) v =
+                # 1 + (kurtosis - 2)/b to first order (exactly (b-2)/(b-3) for a Gaussian
+                # channel). After a bare ReLU the channel is a rectified Gaussian (kurtosis
+                # 5.41), otherwise Gaussian (3).
+                kurt = _RELU_KURTOSIS if prev_relu else 3.0
+                bn_shift[l] += (kurt - 2.0) / b
+                first = False
+            if layer.is_weight_layer:
+                own[l] += 2.0 / (n * b)
+            if isinstance(layer, Zero):
+                break
+            prev_relu = isinstance(layer, ReLU)
+            state = layer.forward(*state, l, MATH)
+        if l == D - 1:
+            (sk_m[:, D], sk_s[:, D]) = _report(y, cx, lq_y, e_y, b)
+        y, lq, e = W.chain(block.post, y, lq_y, e_y, l, cx)
+        stream_centred = W.centred
+        cx, mux = (y.cov(cx), y.mu.copy()) if y is not None else (np.zeros((2, 2)), np.zeros(2))
+    if _per_example:
+        return W.ln_inputs
+    if any(isinstance(layer, LayerNorm) for layer in block.pre + block.branch):
+        # Backwards, LayerNorm divides each example by its own realised q_i and projects
+        # out the example's mean and direction: E[q/q_i] (1 - 1/n)^-1 (1 - 2/n) =
+        # 1 + Var[q_i]/q^2 - 1/n to first order. Var[q_i] is that of one example: the same
+        # walk at batch 1.
+        per_example = spread(block, plan, q0, m0, width, 1, _per_example=True)
+        for l, variances in per_example.items():
+            bn_shift[l] += sum(v - 1.0 / n for v in variances)
+    g_var = _grad_variance(share, own, on_stream, rho_stream, keep, proj, n, b)
+    s_arr = np.nan_to_num(np.asarray(share, dtype=np.float64)) if share is not None else np.zeros(D)
+    g_shift = np.append(np.cumsum((s_arr * bn_shift)[::-1])[::-1], 0.0)
+    skip_id = np.append(~proj & (block.skip_gain == 1.0), True)
+    # G at a skip operand that is not the block input (projection, skip gain) is the merge
+    # output's: blocks after l only.
+    var_skip = np.where(skip_id, g_var, np.append(g_var[1:], 0.0))
+    shift_skip = np.where(skip_id, g_shift, np.append(g_shift[1:], 0.0))
+    g_sig = np.sqrt(var_skip) / LN2
+    g_base = np.zeros(D + 1) if grad_log2 is None else np.asarray(grad_log2, dtype=np.float64)
+    g_med = g_base + (shift_skip - 0.5 * var_skip) / LN2
+    nan = np.full(D + 1, np.nan)
+    valid_s = np.all(sk_s * LN2 < _VALID_SIGMA, axis=0) | np.isnan(sk_s).any(axis=0)
+    valid_b = np.all(br_s * LN2 < _VALID_SIGMA, axis=0) | np.isnan(br_s).any(axis=0)
+    # The finite-batch shift is derived to first order in 1/b; where it has grown past the
+    # tolerance compare allows the median (0.1 nats), its own next order is not small.
+    valid_g = (g_sig * LN2 < _VALID_SIGMA) & (shift_skip < _VALID_SHIFT)
+    if any(layer.normalises for layer in block.post):
+        # A normalisation on the stream divides every block's gradient by a realised norm;
+        # E[1/q] > 1/E[q] then shifts the mean by O(depth / n), which this theory leaves out.
+        valid_g[:] = False
+    return Spread(skip_median=Stats(*sk_m), skip_sigma=Stats(*sk_s),
+                  branch_median=Stats(*br_m), branch_sigma=Stats(*br_s),
+                  grad_median=Stats(g_med, nan, nan), grad_sigma=Stats(g_sig, nan, nan),
+                  width=int(width), batch=batch, valid_skip=valid_s, valid_branch=valid_b,
+                  valid_grad=valid_g)
+
+
+def _grad_variance(share, own, on_stream, rho_stream, keep, proj, n, b):
+    """Var[ln G] at x_0 .. x_D, accumulated from the read-out backwards.
+
+    Block k passes the gradient G_{k+1} back as G_{k+1} (1 + chi_k): the branch carries the
+    share s_k = chi_k / (1 + chi_k) and its gain fluctuates with relative variance ``own``
+    (each ReLU's mask and Gaussian: (1/n)(5/b + (1 - 1/b)(2/pi) asin rho), rho the
+    correlation between inputs of its pre-activation; each transposed weight layer 2/(n b)
+    for gradients uncorrelated between inputs; each BatchNorm's division by a per-channel
+    variance 2/(n(b-1))). The cross term of the merge adds 4 s (1 - s)/(n b).
+
+    The masks of ReLUs that read the stream itself persist from block to block: block k'
+    reads x_k' = x_k + (branches in between), correlated per channel with x_k by
+    r = prod sqrt(skip share) of the blocks between, so two such mask counts covary by
+    (1/n)(2/pi)[asin(r)/b + (1 - 1/b) asin(rho_k r)] (a pair of inputs' signs).
+    """
+    D = len(own)
+    s = np.nan_to_num(np.asarray(share, dtype=np.float64)) if share is not None else np.zeros(D)
+    inc = s * s * own + 4.0 * s * (1.0 - s) / (n * b)
+    var = np.zeros(D + 1)
+    # sqrt of the skip share between consecutive blocks: the stream's channel correlation.
+    step = np.sqrt(np.clip(keep, 0.0, 1.0))
+    total = 0.0
+    for k in range(D - 1, -1, -1):
+        cross = 0.0
+        if on_stream[k] and s[k] > 0:
+            r = 1.0
+            for k2 in range(k + 1, D):
+                r *= step[k2 - 1]
+                if proj[k2] or r < 1e-6:
+                    break
+                if on_stream[k2] and s[k2] > 0:
+                    c = (2.0 / math.pi) * (math.asin(r) / b
+                                           + (1.0 - 1.0 / b) * math.asin(min(rho_stream[k] * r, 1.0))) / n
+                    cross += s[k2] * c
+        total += inc[k] + 2.0 * s[k] * cross
+        var[k] = total
+    return var

@@ -1,0 +1,167 @@
+"""The finite-width theory (propagation/finite.py): its one-channel moments, its distribution
+as ``predict(..., width=n)`` returns it, and what ``compare`` does with it."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import propagation as P
+from propagation import finite, nets
+
+
+def _mc_channel_stats(rho, b, draws, seed=0):
+    """Monte Carlo of one channel's (Y_z, Z_z, Y_r, Z_r) for exchangeable N(0, 1) values."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((draws, 1))
+    z = math.sqrt(rho) * g + math.sqrt(1 - rho) * rng.standard_normal((draws, b))
+    r = np.maximum(z, 0.0)
+    return np.stack([(z ** 2).mean(1), z.mean(1) ** 2, (r ** 2).mean(1), r.mean(1) ** 2], axis=1)
+
+
+@pytest.mark.parametrize("rho, b", [(0.0, 4), (0.3, 8), (0.9, 16)])
+def test_channel_covariance_matches_monte_carlo(rho, b):
+    draws = 400_000
+    x = _mc_channel_stats(rho, b, draws)
+    mean, cov = finite.channel_covariance(rho, b)
+    mc_mean, mc_cov = x.mean(0), np.cov(x.T)
+    # Standard errors of the Monte Carlo: of a mean sd / sqrt(N); of a covariance entry
+    # sqrt(Var[(x_i - mu_i)(x_j - mu_j)] / N). 5 of them keeps the 20 entries x 3 cases from
+    # a false alarm (two-sided 5.0 sigma: 6e-7 each); the theory's quadrature is exact to ~1e-9.
+    se_mean = x.std(0) / math.sqrt(draws)
+    assert np.all(np.abs(mean - mc_mean) <= 5 * se_mean + 1e-9)
+    c = x - mc_mean
+    prod = c[:, :, None] * c[:, None, :]
+    se_cov = prod.std(0) / math.sqrt(draws)
+    assert np.all(np.abs(cov - mc_cov) <= 5 * se_cov + 1e-9)
+
+
+@pytest.mark.parametrize("rho, b", [(0.0, 2), (0.5, 8), (0.99, 64)])
+def test_wishart_closed_form_is_the_gaussian_part_of_the_quadrature(rho, b):
+    _, cov = finite.channel_covariance(rho, b)
+    # The quadrature over the common factor (8001 points on [-10, 10]) against the exact
+    # trace formula: agreement to ~1e-9 relative; 1e-7 leaves room for rounding.
+    np.testing.assert_allclose(cov[:2, :2], finite._wishart(rho, b), rtol=1e-7, atol=1e-12)
+
+
+def test_quantiles_of_a_finite_width_prediction():
+    p = P.predict(30, "batchnorm", width=128, batch=64)
+    assert p.spread is not None and p.spread.width == 128 and p.spread.batch == 64
+    lo, med, hi = p.quantile(0.05), p.quantile(0.5), p.quantile(0.95)
+    for part in ("skip", "branch", "grad"):
+        a, m, c = (getattr(x, part).log2_second_moment for x in (lo, med, hi))
+        assert np.all(a <= m) and np.all(m <= c)
+        assert np.array_equal(m, p.spread.part(part)[0].log2_second_moment)
+    # The median of q sits sigma^2 / 2 below the infinite-width mean (log-normal).
+    s = p.spread.skip_sigma.log2_second_moment * math.log(2)
+    shift = (p.spread.skip_median.log2_second_moment - p.skip.log2_second_moment) * math.log(2)
+    assert np.allclose(shift, -0.5 * s ** 2, atol=1e-3)
+    with pytest.raises(ValueError, match="q must be a probability"):
+        p.quantile(1.5)
+
+
+def test_spread_scales_as_one_over_width():
+    # Every noise term is (1/n) x a one-channel covariance and propagates linearly: the
+    # variance is exactly proportional to 1/n (up to the Hessian's O(1/n) shift of the mean,
+    # which enters sigma only at O(1/n^2): 1e-6 relative here).
+    a = P.predict(20, "layernorm", width=64, batch=32).spread
+    b = P.predict(20, "layernorm", width=256, batch=32).spread
+    for part in ("skip", "branch", "grad"):
+        sa = a.part(part)[1].log2_second_moment
+        sb = b.part(part)[1].log2_second_moment
+        np.testing.assert_allclose(sa, 2.0 * sb, rtol=1e-6)
+
+
+def test_arguments_and_round_trip():
+    with pytest.raises(TypeError, match="batch is only used with width"):
+        P.predict(5, "none", batch=8)
+    with pytest.raises(ValueError, match="batch must be at least 2"):
+        P.predict(5, "none", width=8, batch=1)
+    with pytest.raises(ValueError, match="width"):
+        P.predict(5, "none", width=0)
+    with pytest.raises(ValueError, match="measured over several seeds.*finite width"):
+        P.predict(5, "none").quantile(0.5)
+    p = P.predict(12, "skipinit", alpha=0.3, width=64, batch=16)
+    back = P.Profile.from_dict(json.loads(p.to_json()))
+    for q in (0.05, 0.5, 0.95):
+        for part in ("skip", "branch", "grad"):
+            np.testing.assert_array_equal(getattr(back.quantile(q), part).log2_second_moment,
+                                          getattr(p.quantile(q), part).log2_second_moment)
+
+
+def test_batchnorm_zero_means_are_exact():
+    # After BatchNorm and a weight layer the batch mean of every channel is exactly zero: the
+    # branch's squared mean has no spread and no floor, and the relu_bn_conv stream keeps
+    # the input's squared mean (not q / b).
+    p = P.predict(10, "relu_bn_conv", width=64, batch=32, input_squared_mean=0.0)
+    med, sig = p.spread.part("branch")
+    assert np.all(np.isneginf(med.log2_squared_mean)) and np.all(sig.log2_squared_mean == 0)
+    skip_m = p.spread.skip_median.log2_squared_mean
+    assert np.allclose(skip_m, skip_m[0], atol=1e-9)
+
+
+def _measured_std(scheme, depth, width, seeds, **params):
+    torch.manual_seed(0)
+    out = []
+    for s in range(seeds):
+        torch.manual_seed(s)
+        model = nets.residual_mlp(depth, width=width, scheme=scheme, **params)
+        x = torch.randn(width, width, generator=torch.Generator().manual_seed(500 + s))
+        m = P.measure(model, x, backward=False, progress=False)
+        out.append(m.skip.log2_second_moment * math.log(2))
+    return np.std(np.stack(out), axis=0, ddof=1)
+
+
+@pytest.mark.parametrize("scheme", ["batchnorm", "none", "layernorm"])
+def test_predicted_spread_of_the_second_moment_matches_networks(scheme):
+    depth, width, seeds = 8, 64, 48
+    std = _measured_std(scheme, depth, width, seeds)
+    p = P.predict(depth, scheme, width=width, batch=width)
+    sig = p.spread.skip_sigma.log2_second_moment * math.log(2)
+    # Positions 2..depth (the input's own spread is tiny and dominated by rounding). The
+    # sample sd of 48 seeds has relative standard error 1/sqrt(2 x 47) = 10%; the theory is
+    # leading order in 1/n (corrections ~ depth / n = 12%). 40% is 3 standard errors plus that.
+    ratio = std[2:] / sig[2:]
+    assert np.all((ratio > 1 / 1.4) & (ratio < 1.4)), ratio
+
+
+def test_compare_centres_on_the_predicted_median_and_uses_its_band():
+    model = lambda: nets.residual_mlp(30, width=128, scheme="batchnorm")  # noqa: E731
+    ch = P.check(model, (128, 128), seeds=3, progress=False, diagnosis=False)
+    assert ch.theory.spread is not None and ch.theory.spread.batch == 128
+    assert ch.ok, ch.table()
+    rows = [r for r in ch.comparison.rows if r.part == "skip" and r.quantity == "second_moment"]
+    old = P.compare(P.predict(**{k: v for k, v in ch.predict_kwargs.items()
+                                 if k not in ("width", "batch")}),
+                    ch.measured)
+    # Centred on the predicted median (not on the theory), sized by the predicted sigma:
+    # band = log(1 + 5%) + z 1.25 sigma / sqrt(3), z the Bonferroni quantile of compare.
+    sig = ch.theory.spread.skip_sigma.log2_second_moment * math.log(2)
+    from scipy.stats import norm
+    from propagation.comparison import SPREAD_TOLERANCE
+    z = norm.isf(0.01 / (2 * 4 * (2 * 30 + 1)))  # compare: 4 quantities x (2 D + 1) checks
+    for r in rows:
+        band = math.log1p(SPREAD_TOLERANCE["second_moment"]) + z * 1.2533 * sig[r.block] / math.sqrt(3)
+        assert abs(r.band - band) < 1e-9
+    # The gradient band of the old 7/n rule (7/n per layer x share^2, plus 25%) was too wide
+    # to catch a 2x error near the input; the predicted one is narrower there.
+    g_new = [r for r in ch.comparison.rows if r.part == "grad"][0].band
+    g_old = [r for r in old.rows if r.part == "grad"][0].band
+    assert g_new < g_old
+    med = (ch.theory.spread.skip_median.log2_second_moment
+           - ch.theory.skip.log2_second_moment) * math.log(2)
+    assert all(abs(r.centre - med[r.block]) < 1e-12 for r in rows)
+    assert np.all(med[1:] < 0) and np.allclose(med[1:], -0.5 * sig[1:] ** 2, atol=1e-3)
+
+
+def test_a_ten_percent_branch_gain_fails_the_check():
+    def build():
+        model = nets.residual_mlp(100, width=256, scheme="batchnorm")
+        with torch.no_grad():
+            for block in model.blocks:
+                [m for m in block.branch if isinstance(m, torch.nn.Linear)][-1].weight.mul_(1.1)
+        return model
+    ch = P.check(build, (256, 256), seeds=3, theory={"scheme": "batchnorm"}, progress=False,
+                 diagnosis=False)
+    assert not ch.ok
