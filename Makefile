@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-all lint typecheck derivations figures figures-quick bench clean
+.PHONY: setup test test-fast test-all lint typecheck derivations figures figures-quick bench calibrate clean
 
 setup: $(STAMP)
 
@@ -85,3 +85,8 @@ clean:
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# Coverage of the finite-width theory's 90% band, its medians, and the gate's sharpness
+# (64 seeds, every MLP scheme, widths 64/128/256): bench/out/calibration.md, ~10 min on 2 cores.
+calibrate: $(STAMP)
+	$(PY) bench/calibrate.py --out bench/out
