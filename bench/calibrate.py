@@ -46,14 +46,35 @@ def _measure(task):
     torch.set_num_threads(1)
     scheme, params, width, depth, seeds = task
     out = {k: [] for k in QUANT}
+    torch.manual_seed(0)
+    model = nets.residual_mlp(depth, width=width, scheme=scheme, **params)
     for seed in range(seeds):
-        torch.manual_seed(seed)
-        model = nets.residual_mlp(depth, width=width, scheme=scheme, **params)
+        if seed:
+            # A new draw of the same network in place: measure's merge search is cached per
+            # model, and building a 100-block network costs as much as measuring it.
+            torch.manual_seed(seed)
+            _redraw(model)
         x = torch.randn(width, width, generator=torch.Generator().manual_seed(10_000 + seed))
         m = P.measure(model, x, progress=False)
         for part, q in QUANT:
             out[(part, q)].append(getattr(getattr(m, part), f"log2_{q}"))
     return task, {f"{p}/{q}": np.stack(v).tolist() for (p, q), v in out.items()}
+
+
+def _redraw(model):
+    """Draw every weight of a reference network again from its initialisation law."""
+    import torch
+    from propagation import nets
+    with torch.no_grad():
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if w is None:
+                continue
+            gain2 = getattr(w, "_nominal_gain2", None)
+            if gain2 is not None:
+                nets._normal_(w, gain2)
+            elif isinstance(module, nets.WSLinear):
+                w.normal_()  # standardised in forward: any N(0, s^2) draw is the same law
 
 
 def _theory(scheme, params, width, depth):

@@ -167,7 +167,9 @@ def measure_mlp(scheme, s, backward):
     def build():
         return nets.residual_mlp(s["depth"], s["width"], scheme, **params)
     models = build_models(build, s["seeds"])  # build() under torch.manual_seed(seed)
-    kwargs = jsonable_kwargs(models[0].theory)
+    # The finite-width theory of one network of this width and batch: its median and 90% band
+    # are drawn with the infinite-width line.
+    kwargs = {**jsonable_kwargs(models[0].theory), "width": s["width"], "batch": s["batch"]}
     theory = propagation.predict(**kwargs)
     peak = max(np.nanmax(theory.skip.log2_second_moment), np.nanmax(theory.grad.log2_second_moment))
     dtype = torch.float64 if peak > FLOAT32_LOG2_LIMIT else torch.float32

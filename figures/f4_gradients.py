@@ -53,7 +53,10 @@ def main(argv=None):
                f"propagation.nets.supported_schemes() with its default parameters, except "
                f"skipinit with alpha = 1/sqrt({s['depth']}). dtype float32, except "
                f"{', '.join(wide) or 'none'} in float64 with a float64 input (theory beyond "
-               f"2^{_common.FLOAT32_LOG2_LIMIT:.0f}). Lines: propagation.predict(**model.theory); "
+               f"2^{_common.FLOAT32_LOG2_LIMIT:.0f}). Lines: propagation.predict(**model.theory), "
+               f"the infinite-width mean; dotted and shaded: the predicted median and 90% band "
+               f"of one network of this width and batch (predict(..., width, batch)), where "
+               f"the finite-width theory holds; "
                f"points: median over seeds, bars: min-max, at most 80 evenly spaced blocks "
                f"drawn (all in F4.json). Mode: {'quick' if s['quick'] else 'full'}.")
     _common.footer(fig, caption)

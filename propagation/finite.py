@@ -173,24 +173,33 @@ def _to_qc(b):
     return np.array([[1.0, 0.0], [-1.0 / (b - 1.0), b / (b - 1.0)]])
 
 
-def _wishart(rho, b):
-    """Covariance of one Gaussian channel's (Y, Z), z ~ N(0, (1 - rho) I + rho J) over b
-    inputs (rho >= -1/(b-1)): Cov[z'Az, z'Bz] = 2 tr(AKBK) with A = I/b, B = J/b^2 gives
-    Var Y = (2/b)(1 + (b-1) rho^2), Var Z = Cov[Y, Z] = 2 m^2, m = rho + (1 - rho)/b."""
+def _wishart(rho, b, n_in=None):
+    """Covariance of one Gaussian channel's (Y, Z), z ~ N(0, K) over b inputs with
+    K = (1 - rho) I + rho J (rho >= -1/(b-1)): Cov[z'Az, z'Bz] = 2 tr(AKBK) with A = I/b,
+    B = J/b^2 gives Var Y = (2/b)(1 + (b-1) rho^2), Var Z = Cov[Y, Z] = 2 m^2,
+    m = rho + (1 - rho)/b.
+
+    ``n_in``: K is the realised Gram of an input of n_in channels, not its mean: each
+    off-diagonal entry carries its own O(1/sqrt(n_in)) noise, (1 + rho^2)/n_in in variance
+    for Gaussian-like channels, and tr(K^2) sums b(b-1) of them. Where rho ~ 0 (after
+    BatchNorm) that b^2/n_in is as large as the diagonal's b when b ~ n_in: it doubles
+    Var Y at b = n_in, and it is all of the spread of the channel variance there.
+    """
     m = rho + (1.0 - rho) / b
-    vy = 2.0 / b * (1.0 + (b - 1.0) * rho * rho)
+    off = rho * rho + ((1.0 + rho * rho) / n_in if n_in else 0.0)
+    vy = 2.0 / b * (1.0 + (b - 1.0) * off)
     return np.array([[vy, 2.0 * m * m], [2.0 * m * m, 2.0 * m * m]])
 
 
 @lru_cache(maxsize=4096)
-def _noise(rho, b, kind):
+def _noise(rho, b, kind, n_in=None):
     """Relative (dq/q, dc/q) covariance, times n, of the fresh noise of one map at input
     correlation rho: "wishart" (a weight layer's output, Gaussian channels), "relu" (the
     residual of a ReLU on Gaussian channels, in its output's relative coordinates) or
     "relu_centred" (the same after a per-example centring over channels)."""
     L = _to_qc(b)
     if kind == "wishart":
-        return L @ _wishart(rho, b) @ L.T
+        return L @ _wishart(rho, b, n_in) @ L.T
     # The common-factor representation needs rho >= 0; a negative rho is BatchNorm's
     # -1/(b-1) (an O(1/b) correction to an O(1/n) term), taken as 0.
     mean, cov, with_g = _channel_covariance(max(rho, 0.0), b)
@@ -330,7 +339,8 @@ class _Walker:
                 res = res / (1.0 - 1.0 / math.pi) ** 2
             out = out.add_noise(res, self.fresh())
         if layer.is_weight_layer:
-            out = out.add_noise(_noise(round(1.0 - e_o, 10), self.b, "wishart") / self.n, self.fresh())
+            out = out.add_noise(_noise(round(1.0 - e_o, 10), self.b, "wishart", int(self.n))
+                                / self.n, self.fresh())
         return out, lq_o, e_o
 
     def chain(self, layers, form, lq, e, l, cx, centred=False):
@@ -450,6 +460,8 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
     D, proj = plan.depth, plan.projection
     W = _Walker(n, b)
     lq, e = math.log2(q0), (q0 - m0) / q0
+    # The input's channels are drawn from its population covariance (i.i.d. data), not
+    # from a realised Gram: no n_in term.
     cx = _noise(round(1.0 - e, 10), b, "wishart") / n if input_noise else np.zeros((2, 2))
     mux = np.zeros(2)
     sk_m, sk_s = np.full((3, D + 1), np.nan), np.full((3, D + 1), np.nan)

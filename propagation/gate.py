@@ -27,9 +27,15 @@ SEEDS = 3
 MLP_DEPTHS = (1, 10, 100, 1000)
 CONV_DEPTHS = (1, 10, 100)
 
-DEEP_NARROW = ("1000 blocks at width 128 (depth / width ~ 8): corrections of order depth / width "
-               "to the infinite-width maps, which the theory leaves out, move this quantity by "
-               "more than the finite-width spread")
+DEEP_NARROW = ("1000 unnormalised blocks at width 128: the predicted spread of ln q is 5 nats "
+               "(Var ~ 7 D / n = 55), where the finite-width theory, an expansion in that "
+               "spread, does not hold (it marks these blocks invalid); the squared mean's "
+               "median is then not the log-normal's, and the 7/n band does not cover it")
+WS_FINITE = ("Scaled WS at finite width: each standardised row is exactly on a sphere and "
+             "removes the realised channel mean of its input, which the leading-order theory "
+             "takes at its infinite-width value; over 1000 blocks at width 128 the branch "
+             "second moment sits up to 11% above the predicted median (nf_he, the same scaling "
+             "with Gaussian weights, agrees)")
 WS_PADDING = ("a Scaled-WS convolution leaks the ReLU's channel mean where zero padding cuts "
               "its taps; padding_factors models the second moment this adds to each conv, not "
               "the channel mean it leaves on the skip path for later standardised layers")
@@ -38,12 +44,8 @@ GROUPNORM = ("the conv networks normalise with GroupNorm(1, C), over channels an
              "batch, removing each example's mean moves the channel statistics")
 #: (architecture, case id, depth) -> (quantities, why).
 KNOWN: Dict[Tuple[str, str, int], Tuple[Tuple[str, ...], str]] = {
-    ("mlp", "batchnorm", 1000): (("squared_mean",), DEEP_NARROW),
     ("mlp", "none", 1000): (("squared_mean",), DEEP_NARROW),
-    ("mlp", "skipinit-alpha0.1", 1000): (("second_moment", "variance"), DEEP_NARROW),
-    ("mlp", "nf", 1000): (("second_moment",), DEEP_NARROW),
-    ("mlp", "nf_he", 1000): (("second_moment",), DEEP_NARROW),
-    ("mlp", "layernorm", 1000): (("second_moment", "squared_mean"), DEEP_NARROW),
+    ("mlp", "nf", 1000): (("second_moment",), WS_FINITE),
     ("conv", "nf", 100): (("second_moment", "variance"), WS_PADDING),
     ("conv", "layernorm", 100): (("squared_mean", "variance"), GROUPNORM),
 }

@@ -262,7 +262,9 @@ def plot_profile(measured=None, theory=None, part="skip", quantity="second_momen
 
     Returns:
         The Axes. The theory is one Line2D; the measurement is one errorbar container
-        (``ax.containers``), whose marker line holds the drawn points.
+        (``ax.containers``), whose marker line holds the drawn points. A theory predicted
+        at a finite width (``predict(..., width=n)``) also draws its predicted median
+        (dotted) and 90% band (shaded) where it holds.
     """
     _check(measured, "measured")
     _check(theory, "theory")
@@ -298,6 +300,8 @@ def plot_profile(measured=None, theory=None, part="skip", quantity="second_momen
         (line,) = ax.plot(x[ok] + offset, y[ok], linestyle=linestyle, color=color, lw=1.5,
                           label=label)
         color = line.get_color()
+        if getattr(theory, "spread", None) is not None and part in ("skip", "branch", "grad"):
+            _draw_spread(ax, theory, part, quantity, to_y, ylog, logx, offset, color)
     if measured is not None:
         x, y = np.arange(len(m_l2), dtype=np.float64), to_y(m_l2)
         ok = _drawable(y, ylog) & _drawable(x + offset, logx)
@@ -319,6 +323,20 @@ def plot_profile(measured=None, theory=None, part="skip", quantity="second_momen
     if not ax.get_ylabel():
         ax.set_ylabel(("log2 " if log2 else "") + describe(part, quantity))
     return ax
+
+
+def _draw_spread(ax, theory, part, quantity, to_y, ylog, logx, offset, color):
+    """A finite-width theory's predicted median (dotted) and 90% band (shaded), where the
+    theory marks itself valid (``theory.spread``)."""
+    valid = np.asarray(getattr(theory.spread, f"valid_{part}"), dtype=bool)
+    lo, med, hi = (to_y(_log2(theory.quantile(q), part, quantity)) for q in (0.05, 0.5, 0.95))
+    x = np.arange(len(med), dtype=np.float64) + offset
+    ok = valid & _drawable(lo, ylog) & _drawable(hi, ylog) & _drawable(x, logx)
+    if not ok.any():
+        return
+    ax.fill_between(x, np.where(ok, lo, np.nan), np.where(ok, hi, np.nan), color=color,
+                    alpha=0.18, lw=0)
+    ax.plot(x[ok], med[ok], linestyle=":", color=color, lw=1.0)
 
 
 def plot_downscale(measured=None, theory=None, ax=None, label=None, color=None, inverse=False,
