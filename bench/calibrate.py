@@ -114,7 +114,8 @@ def calibration(seeds, widths, depths, workers):
                 n_ok = int(ok.sum())
                 cover = float(inside[:, ok].mean()) if n_ok else math.nan
                 # Median: measured over seeds vs predicted, in nats, and the standard error.
-                dm = (np.median(meas, axis=0) - c) * math.log(2)
+                with np.errstate(invalid="ignore"):  # -inf - -inf: an exactly zero quantity
+                    dm = (np.median(meas, axis=0) - c) * math.log(2)
                 se = 1.2533 * sig / math.sqrt(meas.shape[0])
                 worst = float(np.max(np.abs(dm[ok]))) if n_ok else math.nan
                 # Resolvable: 2 standard errors below the 5% target.

@@ -21,6 +21,8 @@ Tables printed:
   8. (--monitor) a training loop under propagation.monitor(every=100): off-steps, the
      sampled steps and the whole loop against the loop without it
   9. (--structural) predict(model, x), the structural theory, against one bare forward
+ 10. (--finite) predict(D, scheme, width, batch), the finite-width theory, against the
+     infinite-width predict and against measuring one network of that width
 
 Tables 1, 2 and 7 time `measure` after a first call on the same model, so they time the
 replay; table 7's "search" column forces the search every pass (search="always").
@@ -404,6 +406,45 @@ def structural_table(quick):
               f"{t_base * 1e3:7.1f} ms)", flush=True)
 
 
+def finite_table(quick):
+    """Table 10: the finite-width theory's cost. predict(D, scheme, width=128, batch=128)
+    against predict(D, scheme) (the infinite-width profile it extends) and against one
+    measure() of the same residual MLP (forward and backward), the empirical alternative
+    being one such measurement per seed."""
+    import torch
+    import propagation
+    from propagation import finite, nets
+    depths = (10, 100) if quick else (100, 1000)
+    width = 128
+    print(f"\n10. predict(D, scheme, width={width}, batch={width}) / predict(D, scheme) and / one "
+          f"measure of that MLP\n    (fresh caches each call: the one-channel moments are "
+          f"recomputed)")
+    for scheme in ("batchnorm", "none", "layernorm", "nf"):
+        for d in depths:
+            model = nets.residual_mlp(d, width=width, scheme=scheme)
+            x = torch.randn(width, width, generator=torch.Generator().manual_seed(1))
+            dtype = torch.float64 if scheme == "none" and d >= 1000 else None
+            if dtype is not None:  # 2^1000 does not fit in float32
+                x = x.to(dtype)
+            propagation.measure(model, x, progress=False, dtype=dtype)  # the search, once
+
+            def infinite(d=d, scheme=scheme):
+                propagation.predict(d, scheme)
+
+            def spread(d=d, scheme=scheme):
+                finite._channel_covariance.cache_clear()
+                finite._noise.cache_clear()
+                propagation.predict(d, scheme, width=width, batch=width)
+
+            def measured(model=model, x=x, dtype=dtype):
+                propagation.measure(model, x, progress=False, dtype=dtype)
+            t_inf, r_inf = paired(infinite, spread, 3)
+            t_meas, r_meas = paired(measured, spread, 3)
+            print(f"  {scheme:>10} D={d:<5} spread {t_inf * r_inf * 1e3:8.1f} ms = "
+                  f"{r_inf:7.0f}x predict, {r_meas:5.2f}x one measure "
+                  f"({t_meas * 1e3:7.1f} ms)", flush=True)
+
+
 def make_tables():
     """Table 6: `make test` and a cold `make figures` in a temporary clone of HEAD.
 
@@ -446,6 +487,8 @@ def main():
     parser.add_argument("--monitor", action="store_true", help="only table 8: monitoring")
     parser.add_argument("--structural", action="store_true",
                         help="only table 9: predict(model, x) against a bare forward")
+    parser.add_argument("--finite", action="store_true",
+                        help="only table 10: the finite-width theory's cost")
     parser.add_argument("--device", default="cpu", help="device for table 7 (cpu or cuda)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -466,6 +509,8 @@ def main():
         return monitor_table(args.quick)
     if args.structural:
         return structural_table(args.quick)
+    if args.finite:
+        return finite_table(args.quick)
     start = time.perf_counter()
     print("ResNet-V2 basic blocks, batchnorm, train mode, 1 torch thread; sizes as printed "
           "(width, batch, image size; see the module docstring for why)")

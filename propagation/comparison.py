@@ -1,7 +1,16 @@
 """``compare`` theory with measurement, and ``diagnose`` a measured profile.
 
-The band
---------
+With a finite-width theory
+--------------------------
+A theory from ``predict(..., width=n, batch=b)`` carries the predicted distribution of one
+network's statistics (``propagation.finite``). Where it holds, each check is centred on the
+predicted median and passes when |log-ratio - centre| <= ln(1 + SPREAD_TOLERANCE) +
+z * 1.25 sigma / sqrt(S), sigma the predicted standard deviation; with 16 seeds or more the
+spread over seeds is checked against sigma as well (``_spread_rows``). Elsewhere, and for
+theories without a spread, the band below is used.
+
+The band (without a finite-width theory)
+----------------------------------------
 A measured statistic of a finite network is random: its weights are. For block l the
 log-ratio of measurement to the infinite-width prediction has, to first order,
 
@@ -47,6 +56,13 @@ TOLERANCE = {"second_moment": 0.10, "squared_mean": 0.15, "variance": 0.15, "gra
 #: that the leading-order theory has only in part (the normalisations' division by a realised
 #: variance, E[1/v] > 1/E[v], is left out), measured by ``make calibrate`` at up to 0.1 nats.
 SPREAD_TOLERANCE = {"second_moment": 0.05, "squared_mean": 0.10, "variance": 0.10, "grad": 0.10}
+#: With a finite-width theory and at least this many seeds, compare also checks the spread
+#: over seeds against the predicted sigma (a sample sd of 16 values: 18% relative error).
+SPREAD_MIN_SEEDS = 16
+#: The accuracy of the leading-order sigma that the spread check allows, on top of the
+#: chi-square bounds: make calibrate measures it within 1.5x where the theory marks itself
+#: valid, except BatchNorm networks' gradients (a 1/b term it lacks: up to 2x).
+SPREAD_FACTOR = 1.5
 #: Relative variance, times the width, of the squared-norm gain of one ReLU + weight layer.
 _PER_LAYER = 7.0
 _FALSE_ALARM = 0.01  # chance that a healthy network fails somewhere in one comparison
@@ -284,9 +300,52 @@ def compare(theory: Profile, measured: Profile, *, width: Optional[int] = None,
                                           stats.log2_second_moment - math.log2(width))
             add(part, q, _finite_batch(stats, q, n_s),
                 getattr(getattr(measured, part), f"log2_{q}"), sig, TOLERANCE[q], floor)
+    if spread is not None and seeds >= SPREAD_MIN_SEEDS:
+        rows += _spread_rows(theory, measured, quantities, seeds)
     if skip_first:
         rows = [r for r in rows if not (r.part == "skip" and r.block == 0)]
     return Comparison(rows=tuple(rows), width=width, seeds=seeds)
+
+
+def _spread_rows(theory, measured, quantities, seeds):
+    """The spread over seeds against the predicted sigma, per part, quantity and block.
+
+    Rows of part "spread:<part>": predicted and measured are sigma and the sample standard
+    deviation of ln(statistic) over the seeds; the log-ratio ln(sd / sigma) passes within
+    the two-sided chi-square bounds of S - 1 degrees of freedom (Bonferroni over these rows,
+    1% false alarms) widened by SPREAD_FACTOR, the accuracy of the leading-order sigma.
+    Positions where the theory is invalid, or predicts no spread, are skipped.
+    """
+    from scipy.stats import chi2
+    parts = []
+    for q in quantities:
+        if q == "grad":
+            parts.append(("grad", "second_moment"))
+        else:
+            parts += [("skip", q), ("branch", q)]
+    cand = []
+    for part, q in parts:
+        sig = getattr(theory.spread.part(part)[1], f"log2_{q}") * math.log(2.0)
+        valid = getattr(theory.spread, f"valid_{part}")
+        values = np.stack([getattr(getattr(p, part), f"log2_{q}") for p in measured.samples])
+        with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sd = np.std(values, axis=0, ddof=1) * math.log(2.0)
+        for l in range(len(sig)):
+            if valid[l] and np.isfinite(sig[l]) and sig[l] > 0 and np.isfinite(sd[l]):
+                cand.append((part, q, l, float(sig[l]), float(sd[l])))
+    if not cand:
+        return []
+    dof = seeds - 1
+    alpha = _FALSE_ALARM / len(cand)
+    lo = math.sqrt(chi2.ppf(alpha / 2, dof) / dof)
+    hi = math.sqrt(chi2.isf(alpha / 2, dof) / dof)
+    band = math.log(SPREAD_FACTOR) + max(-math.log(lo), math.log(hi))
+    out = []
+    for part, q, l, sig, sd in cand:
+        lr = math.log(sd / sig) if sd > 0 else -math.inf
+        out.append(Row(f"spread:{part}", q, l, sig, sd, lr, 0.0, band, bool(abs(lr) <= band)))
+    return out
 
 
 def input_state(measured: Profile) -> Dict[str, float]:

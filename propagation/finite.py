@@ -165,6 +165,18 @@ def channel_covariance(rho: float, b: int):
     return _channel_covariance(round(float(rho), 10), int(b))[:2]
 
 
+def _grid(rho):
+    """rho on the grid the one-channel noise is computed and cached on: steps of 1e-3, and
+    of 0.5% in 1 - rho above rho = 0.5 (where the noise depends on sqrt(1 - rho)). The noise
+    is smooth in rho: a step moves it by ~1e-3 relative, against the theory's O(1/n)."""
+    rho = float(rho)
+    if rho > 0.5:
+        return 1.0 - math.exp(round(200.0 * math.log(1.0 - min(rho, 1.0 - 1e-12))) / 200.0)
+    if rho <= 0.0:
+        return rho  # BatchNorm's exact -1/(b-1): a zero batch mean has no Z noise at all
+    return round(rho, 3)
+
+
 def _to_qc(b):
     """The linear map (dY, dZ) -> (dq, dc): q = Y, c = (b Z - Y) / (b - 1). One input
     (b = 1, the per-example walk) has no c: it is held at zero."""
@@ -332,14 +344,14 @@ class _Walker:
         out.mu = out.mu + shift
         rho_in = 1.0 - e
         if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
-            res = _noise(round(rho_in, 10), self.b, "relu_centred" if centred else "relu") / self.n
+            res = _noise(_grid(rho_in), self.b, "relu_centred" if centred else "relu") / self.n
             if isinstance(layer, ReLUScaledWS):
                 # The standardised weights remove the ReLU output's common mean; its
                 # residual keeps its absolute size, relative to a smaller q.
                 res = res / (1.0 - 1.0 / math.pi) ** 2
             out = out.add_noise(res, self.fresh())
         if layer.is_weight_layer:
-            out = out.add_noise(_noise(round(1.0 - e_o, 10), self.b, "wishart", int(self.n))
+            out = out.add_noise(_noise(_grid(1.0 - e_o), self.b, "wishart", int(self.n))
                                 / self.n, self.fresh())
         return out, lq_o, e_o
 
@@ -462,7 +474,7 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
     lq, e = math.log2(q0), (q0 - m0) / q0
     # The input's channels are drawn from its population covariance (i.i.d. data), not
     # from a realised Gram: no n_in term.
-    cx = _noise(round(1.0 - e, 10), b, "wishart") / n if input_noise else np.zeros((2, 2))
+    cx = _noise(_grid(1.0 - e), b, "wishart") / n if input_noise else np.zeros((2, 2))
     mux = np.zeros(2)
     sk_m, sk_s = np.full((3, D + 1), np.nan), np.full((3, D + 1), np.nan)
     br_m, br_s = np.full((3, D), np.nan), np.full((3, D), np.nan)

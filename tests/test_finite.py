@@ -167,3 +167,19 @@ def test_a_ten_percent_branch_gain_fails_the_check():
     ch = P.check(build, (256, 256), seeds=3, theory={"scheme": "batchnorm"}, progress=False,
                  diagnosis=False)
     assert not ch.ok
+
+
+def test_compare_checks_the_spread_over_many_seeds():
+    # 24 seeds of a width-64 LayerNorm MLP: against its own finite-width theory the spread
+    # rows pass; against the theory of a width-1024 network (sigma 4x too small) they fail.
+    build = lambda: nets.residual_mlp(6, width=64, scheme="layernorm")  # noqa: E731
+    ch = P.check(build, (64, 64), seeds=24, progress=False, diagnosis=False,
+                 quantities=("second_moment", "squared_mean", "variance"))
+    rows = [r for r in ch.comparison.rows if r.part.startswith("spread:")]
+    assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
+    narrow = P.predict(**{**ch.predict_kwargs, "width": 1024})
+    with pytest.warns(RuntimeWarning, match="spread is for width 1024"):
+        cmp = P.compare(narrow, ch.measured,
+                        quantities=("second_moment", "squared_mean", "variance"))
+    bad = [r for r in cmp.rows if r.part.startswith("spread:") and not r.ok]
+    assert len(bad) > 0
