@@ -183,3 +183,12 @@ def test_compare_checks_the_spread_over_many_seeds():
                         quantities=("second_moment", "squared_mean", "variance"))
     bad = [r for r in cmp.rows if r.part.startswith("spread:") and not r.ok]
     assert len(bad) > 0
+
+
+def test_the_derivations_hold_and_match_the_constants():
+    # derivations/finite_width.py raises if a count, a truncated moment or the Wishart
+    # covariance differs from its derivation; the kurtosis it derives is finite.py's.
+    from derivations import finite_width
+    records = {r.name: r for r in finite_width.derivations()}
+    assert float(records["kurtosis of relu(z)"].expr) == pytest.approx(finite._RELU_KURTOSIS,
+                                                                       rel=1e-15)
