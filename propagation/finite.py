@@ -77,15 +77,11 @@ _W = np.exp(-0.5 * _G ** 2)
 _W /= _W.sum()                                 # trapezoid weights (the ends are ~e^-50)
 
 
-def _normal_cdf(t):
-    from scipy.special import ndtr
-    return ndtr(t)
-
-
 def _relu_powers(mu, s):
     """E[relu(X)^k], k = 1..4, for X ~ N(mu, s^2), elementwise over mu (s > 0 scalar)."""
+    from scipy.special import ndtr
     t = mu / s
-    Phi = _normal_cdf(t)
+    Phi = ndtr(t)
     phi = np.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
     m1 = mu * Phi + s * phi
     m2 = (mu * mu + s * s) * Phi + mu * s * phi
@@ -126,6 +122,10 @@ def _channel_covariance(rho, b):
 
     funcs = (z, r)
     bf = float(b)
+    # Index patterns: all equal, two groups, three, four distinct.
+    c1, c2 = bf, bf * (bf - 1.0)
+    c3 = c2 * (bf - 2.0)
+    c4 = c3 * (bf - 3.0)
     stats = []  # per function: E[Y|g], E[Z|g]
     for f in funcs:
         m1, m2 = f[0], f[1]
@@ -140,10 +140,6 @@ def _channel_covariance(rho, b):
             f2h1 = mixed(f, h, 2, 1)
             f1h2 = mixed(f, h, 1, 2)
             f1h1 = mixed(f, h, 1, 1)
-            c1 = bf
-            c2 = bf * (bf - 1.0)
-            c3 = c2 * (bf - 2.0)
-            c4 = c3 * (bf - 3.0)
             yy = (c1 * f2h2 + c2 * f2 * h2) / bf ** 2
             yz = (c1 * f2h2 + c2 * f2 * h2 + 2.0 * c2 * f2h1 * h1 + c3 * f2 * h1 * h1) / bf ** 3
             zy = (c1 * f2h2 + c2 * f2 * h2 + 2.0 * c2 * f1h2 * f1 + c3 * h2 * f1 * f1) / bf ** 3
@@ -312,20 +308,56 @@ class _Form:
 class _Walker:
     """Walks a scheme's block, carrying mean states and fluctuation forms."""
 
-    def __init__(self, width, batch):
+    def __init__(self, width, batch, depth):
         self.n = float(width)
         self.b = int(batch)
         self._key = 0
         self.centred = False
         self.ln_inputs = {}  # block -> relative variance of q at each LayerNorm's input
+        # Backward ingredients, recorded on each block's pre + branch (``record=True``): the
+        # branch gain's own relative variance, its finite-batch mean shift (BatchNorm's
+        # backward), and the first ReLU's correlation when it reads the stream's signs.
+        self.own = np.zeros(depth)
+        self.bn_shift = np.zeros(depth)
+        self.first_relu_rho = np.full(depth, np.nan)  # NaN: a norm centres the batch first
+        self._first = self._prev_relu = False
+
+    def start_block(self):
+        """Begin recording a block's backward ingredients (its pre chain comes next)."""
+        self._first, self._prev_relu = True, False
+
+    def _record(self, layer, e, l):
+        """The backward ingredients of ``layer`` at input correlation 1 - e, block l."""
+        n, b = self.n, self.b
+        if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
+            r = min(max(1.0 - e, 0.0), 1.0)
+            self.own[l] += (5.0 / b + (1.0 - 1.0 / b) * (2.0 / math.pi) * math.asin(r)) / n
+            if self._first:
+                self.first_relu_rho[l] = r
+            self._first = False
+        if isinstance(layer, BatchNorm):
+            self.own[l] += 2.0 / (n * max(b - 1, 1))
+            # Backwards BatchNorm divides by the sample variance s^2 and projects out the
+            # batch mean and the normalised input: E[1/s^2] (1 - 2/b) v = 1 + (kurtosis - 2)/b
+            # to first order (exactly (b-2)/(b-3) for a Gaussian channel). After a bare ReLU
+            # the channel is a rectified Gaussian (kurtosis 5.41), otherwise Gaussian (3).
+            kurt = _RELU_KURTOSIS if self._prev_relu else 3.0
+            self.bn_shift[l] += (kurt - 2.0) / b
+            self._first = False
+        if layer.is_weight_layer:
+            self.own[l] += 2.0 / (n * b)
+        self._prev_relu = isinstance(layer, ReLU)
 
     def fresh(self):
         self._key += 1
         return self._key
 
-    def layer(self, layer, form, lq, e, l, cx, centred=False):
+    def layer(self, layer, form, lq, e, l, cx, centred=False, record=False):
         """Apply one layer: returns the output form and mean state. ``centred``: the input
-        was just centred per example over its channels (LayerNorm)."""
+        was just centred per example over its channels (LayerNorm); ``record``: the layer
+        is on the block's branch (pre included), whose backward ingredients are kept."""
+        if record:
+            self._record(layer, e, l)
         if isinstance(layer, Zero) or (isinstance(layer, Gain) and layer.a == 0.0):
             return None, -math.inf, 1.0
         lq_o, e_o = layer.forward(lq, e, l, MATH)
@@ -355,14 +387,14 @@ class _Walker:
                                 / self.n, self.fresh())
         return out, lq_o, e_o
 
-    def chain(self, layers, form, lq, e, l, cx, centred=False):
+    def chain(self, layers, form, lq, e, l, cx, centred=False, record=False):
         """Apply ``layers``; ``centred``: whether the input is centred per example (then
-        ``self.centred`` says whether the output is)."""
+        ``self.centred`` says whether the output is); ``record``: as :meth:`layer`."""
         for layer in layers:
             if form is None:
                 self.centred = False
                 return None, -math.inf, 1.0
-            form, lq, e = self.layer(layer, form, lq, e, l, cx, centred)
+            form, lq, e = self.layer(layer, form, lq, e, l, cx, centred, record)
             # torch's LayerNorm centres each example over its channels (the reference
             # networks' and the schemes' LayerNorm); a scalar gain keeps that.
             centred = isinstance(layer, LayerNorm) or (centred and isinstance(layer, (Gain, BlockGain)))
@@ -458,10 +490,6 @@ def _report(form, cx, lq, e, b):
     return med, sig
 
 
-def _relus(layers):
-    return [layer for layer in layers if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU))]
-
-
 def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, input_noise=True,
            _per_example=False):
     """The :class:`Spread` of a scheme's block structure (``predict(..., width=n)``):
@@ -470,7 +498,7 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
     n = float(width)
     b = _INFINITE_BATCH if batch is None else int(batch)
     D, proj = plan.depth, plan.projection
-    W = _Walker(n, b)
+    W = _Walker(n, b, D)
     lq, e = math.log2(q0), (q0 - m0) / q0
     # The input's channels are drawn from its population covariance (i.i.d. data), not
     # from a realised Gram: no n_in term.
@@ -479,20 +507,14 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
     sk_m, sk_s = np.full((3, D + 1), np.nan), np.full((3, D + 1), np.nan)
     br_m, br_s = np.full((3, D), np.nan), np.full((3, D), np.nan)
     lg_skip = 2.0 * math.log2(block.skip_gain) if block.skip_gain > 0 else -math.inf
-    # Backward ingredients per block: the branch gain's own relative variance, whether its
-    # first ReLU reads the stream's signs (no batch centring before it), the stream's
-    # correlation between inputs there and how much of the merge output the skip carries.
-    own = np.zeros(D)
-    bn_shift = np.zeros(D)   # the branch gain's finite-batch mean shift (BatchNorm backward)
-    on_stream = np.zeros(D, dtype=bool)
-    rho_stream = np.zeros(D)
-    keep = np.zeros(D)
+    keep = np.zeros(D)  # the skip operand's share of each merge (0 for a projection)
     stream_centred = False
     for l in range(D):
         x = _Form({"x": np.eye(2)}, mux.copy())
-        p, lq_p, e_p = W.chain(block.pre, x, lq, e, l, cx, stream_centred)
+        W.start_block()
+        p, lq_p, e_p = W.chain(block.pre, x, lq, e, l, cx, stream_centred, record=True)
         pre_centred = W.centred
-        f, lq_b, e_b = W.chain(block.branch, p, lq_p, e_p, l, cx, pre_centred)
+        f, lq_b, e_b = W.chain(block.branch, p, lq_p, e_p, l, cx, pre_centred, record=True)
         if proj[l]:
             s, lq_s, e_s = W.chain(block.projection, p, lq_p, e_p, l, cx, pre_centred)
         else:
@@ -511,35 +533,6 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
             if s is not None and np.isfinite(lq_s):
                 y = y.add_noise(W.cross(lq_s - lq_y, e_s, lq_b - lq_y, e_b, 1.0), W.fresh())
             keep[l] = 0.0 if proj[l] else ws
-        # Backward ingredients of this block's branch.
-        layers = block.pre + block.branch
-        state = (lq, e)
-        first = True
-        prev_relu = False
-        for layer in layers:
-            if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
-                r = max(1.0 - state[1], 0.0)
-                own[l] += (5.0 / b + (1.0 - 1.0 / b) * (2.0 / math.pi) * math.asin(min(r, 1.0))) / n
-                if first:
-                    on_stream[l] = not proj[l]
-                    rho_stream[l] = r
-                first = False
-            if isinstance(layer, BatchNorm):
-                own[l] += 2.0 / (n * max(b - 1, 1))
-                # Backwards BatchNorm divides by the sample variance s^2 and projects out
-                # the batch mean and the normalised input: E[1/s^2] (1 - 2/b) v =
-                # 1 + (kurtosis - 2)/b to first order (exactly (b-2)/(b-3) for a Gaussian
-                # channel). After a bare ReLU the channel is a rectified Gaussian (kurtosis
-                # 5.41), otherwise Gaussian (3).
-                kurt = _RELU_KURTOSIS if prev_relu else 3.0
-                bn_shift[l] += (kurt - 2.0) / b
-                first = False
-            if layer.is_weight_layer:
-                own[l] += 2.0 / (n * b)
-            if isinstance(layer, Zero):
-                break
-            prev_relu = isinstance(layer, ReLU)
-            state = layer.forward(*state, l, MATH)
         if l == D - 1:
             (sk_m[:, D], sk_s[:, D]) = _report(y, cx, lq_y, e_y, b)
         y, lq, e = W.chain(block.post, y, lq_y, e_y, l, cx)
@@ -554,10 +547,13 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
         # walk at batch 1.
         per_example = spread(block, plan, q0, m0, width, 1, _per_example=True)
         for l, variances in per_example.items():
-            bn_shift[l] += sum(v - 1.0 / n for v in variances)
-    g_var = _grad_variance(share, own, on_stream, rho_stream, keep, proj, n, b)
+            W.bn_shift[l] += sum(v - 1.0 / n for v in variances)
+    # A first ReLU reads the stream's own signs unless a batch centring came first, or the
+    # block's shortcut is a projection (the stream does not persist across it).
+    rho_stream = np.where(proj, np.nan, W.first_relu_rho)
+    g_var = _grad_variance(share, W.own, rho_stream, keep, proj, n, b)
     s_arr = np.nan_to_num(np.asarray(share, dtype=np.float64)) if share is not None else np.zeros(D)
-    g_shift = np.append(np.cumsum((s_arr * bn_shift)[::-1])[::-1], 0.0)
+    g_shift = np.append(np.cumsum((s_arr * W.bn_shift)[::-1])[::-1], 0.0)
     skip_id = np.append(~proj & (block.skip_gain == 1.0), True)
     # G at a skip operand that is not the block input (projection, skip gain) is the merge
     # output's: blocks after l only.
@@ -583,7 +579,7 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
                   valid_grad=valid_g)
 
 
-def _grad_variance(share, own, on_stream, rho_stream, keep, proj, n, b):
+def _grad_variance(share, own, rho_stream, keep, proj, n, b):
     """Var[ln G] at x_0 .. x_D, accumulated from the read-out backwards.
 
     Block k passes the gradient G_{k+1} back as G_{k+1} (1 + chi_k): the branch carries the
@@ -593,30 +589,28 @@ def _grad_variance(share, own, on_stream, rho_stream, keep, proj, n, b):
     for gradients uncorrelated between inputs; each BatchNorm's division by a per-channel
     variance 2/(n(b-1))). The cross term of the merge adds 4 s (1 - s)/(n b).
 
-    The masks of ReLUs that read the stream itself persist from block to block: block k'
-    reads x_k' = x_k + (branches in between), correlated per channel with x_k by
+    The masks of ReLUs that read the stream itself (``rho_stream`` finite: their input's
+    correlation between inputs) persist from block to block: block k' reads
+    x_k' = x_k + (branches in between), correlated per channel with x_k by
     r = prod sqrt(skip share) of the blocks between, so two such mask counts covary by
     (1/n)(2/pi)[asin(r)/b + (1 - 1/b) asin(rho_k r)] (a pair of inputs' signs).
     """
     D = len(own)
     s = np.nan_to_num(np.asarray(share, dtype=np.float64)) if share is not None else np.zeros(D)
     inc = s * s * own + 4.0 * s * (1.0 - s) / (n * b)
-    var = np.zeros(D + 1)
+    on_stream = np.isfinite(rho_stream) & (s > 0)
     # sqrt of the skip share between consecutive blocks: the stream's channel correlation.
     step = np.sqrt(np.clip(keep, 0.0, 1.0))
-    total = 0.0
-    for k in range(D - 1, -1, -1):
-        cross = 0.0
-        if on_stream[k] and s[k] > 0:
-            r = 1.0
-            for k2 in range(k + 1, D):
-                r *= step[k2 - 1]
-                if proj[k2] or r < 1e-6:
-                    break
-                if on_stream[k2] and s[k2] > 0:
-                    c = (2.0 / math.pi) * (math.asin(r) / b
-                                           + (1.0 - 1.0 / b) * math.asin(min(rho_stream[k] * r, 1.0))) / n
-                    cross += s[k2] * c
-        total += inc[k] + 2.0 * s[k] * cross
-        var[k] = total
-    return var
+    cross = np.zeros(D)
+    for k in np.flatnonzero(on_stream[:-1]):
+        # r to every later block (up to the next projection, which restarts the stream).
+        r = np.cumprod(step[k:D - 1])
+        later = np.arange(k + 1, D)
+        stop = np.flatnonzero(proj[later] | (r < 1e-6))
+        upto = stop[0] if stop.size else len(later)
+        r, later = r[:upto], later[:upto]
+        use = on_stream[later]
+        c = (2.0 / math.pi) * (np.arcsin(r[use]) / b + (1.0 - 1.0 / b)
+                               * np.arcsin(np.minimum(rho_stream[k] * r[use], 1.0))) / n
+        cross[k] = float(np.dot(s[later][use], c))
+    return np.append(np.cumsum((inc + 2.0 * s * cross)[::-1])[::-1], 0.0)
