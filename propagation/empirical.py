@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from . import _checks
-from .profile import Profile, Stats, quantile_over, quantile_stats
+from .profile import Profile, Stats, Tokens, quantile_over, quantile_stats
 
 #: Normalisations, as bits of a node's kind: what Profile.branch_norm and post_norm name;
 #: post_norm also names "weights" (a weight layer: the skip operand passed through a whole
@@ -201,7 +201,14 @@ def measure(model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
     median = quantile_over(samples, 0.5)
     first = samples[0]
     bad = [s.first_nonfinite_block for s in samples if s.first_nonfinite_block is not None]
-    return replace(first, skip=median[0], branch=median[1], grad=median[2],
+    tokens = first.tokens
+    if tokens is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN positions stay NaN
+            tokens = replace(tokens, **{part: np.nanmedian(np.stack(
+                [getattr(s.tokens, part) for s in samples if s.tokens is not None]), axis=0)
+                for part in ("skip", "branch")})
+    return replace(first, skip=median[0], branch=median[1], grad=median[2], tokens=tokens,
                    block_input=quantile_stats([s.block_input for s in samples], 0.5),
                    samples=tuple(samples), first_nonfinite_block=min(bad) if bad else None,
                    meta={**first.meta, "seeds": n})
@@ -425,6 +432,24 @@ def _channel_stats(t, channel_axis):
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
+def _token_cosine(t, channel_axis):
+    """The mean cosine between two different tokens of one sequence, for a (batch, tokens,
+    channels) tensor with channels last; NaN for other tensors, or where a token is zero.
+
+    Per sequence, with u_t the unit tokens, sum_{t != s} u_t . u_s = |sum_t u_t|^2 - T; the
+    sum of unit tokens is one batched product, with no full-size temporary."""
+    if t.dim() != 3 or channel_axis % 3 != 2 or t.shape[1] < 2:
+        return math.nan
+    t = t.detach()
+    norms = torch.linalg.vector_norm(t, dim=-1)  # (B, T)
+    if not bool((norms > 0).all()):
+        return math.nan
+    s = torch.bmm((1.0 / norms).unsqueeze(1).to(t.dtype), t).squeeze(1)  # (B, C)
+    T = t.shape[1]
+    per_seq = (_numpy(torch.linalg.vector_norm(s, dim=-1)) ** 2 - T) / (T * (T - 1))
+    return float(per_seq.mean())
+
+
 def _numpy(t):
     """A small torch tensor (already detached) as a float64 numpy array."""
     if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
@@ -487,6 +512,8 @@ class _Recorder:
         self.norms = []       # per merge, (branch_norm, post_norm)
         self._inputs = array.array("d")  # per merge, statistics of the block input
         self._stats = array.array("d")
+        self._tokens = array.array("d")  # per merge, token correlations of skip, branch, sum
+        self.tokens_per_sequence = None
         self._info = array.array("q")
         self.grads = {}       # merge index -> grad stats at the skip operand; -1: last sum
         self._hooked = _WeakIds()
@@ -502,7 +529,9 @@ class _Recorder:
         for ref, v, out in self._recent:
             if v == version and ref() is t:
                 return out
-        out = _channel_stats(t, self.channel_axis)
+        out = _channel_stats(t, self.channel_axis) + [_token_cosine(t, self.channel_axis)]
+        if out[3] == out[3]:  # a sequence: remember its length for compare's finite batch
+            self.tokens_per_sequence = int(t.shape[1])
         self._recent.append((weakref.ref(t), version, out))
         if len(self._recent) > self.RECENT:
             del self._recent[0]
@@ -510,7 +539,7 @@ class _Recorder:
 
     def input_stats(self, x):
         """Statistics of a block input and its values per channel (batch x positions)."""
-        return self.stats(x) + [x.numel() / _channels(x, self.channel_axis)]
+        return self.stats(x)[:3] + [x.numel() / _channels(x, self.channel_axis)]
 
     def operands(self, skip, branch, x):
         """Statistics of a merge's operands and of its block input ``x`` (None: unknown), read
@@ -529,7 +558,7 @@ class _Recorder:
         elif full_sum:
             total_stats = self.stats(total)
         else:
-            total_stats = [_second_moment(total), math.nan, math.nan]
+            total_stats = [_second_moment(total), math.nan, math.nan, math.nan]
         self._append(skip_stats, branch_stats, total_stats, projection, skip.numel(),
                      total.numel(), _channels(total, self.channel_axis), name,
                      [math.nan] * 4 if input_stats is None else input_stats, norms)
@@ -538,8 +567,8 @@ class _Recorder:
         return k
 
     def record_missing_skip(self, total, name=""):
-        nan = [math.nan] * 3
-        self._append(nan, nan, _channel_stats(total, self.channel_axis), True,
+        nan = [math.nan] * 4
+        self._append(nan, nan, self.stats(total), True,
                      total.numel(), total.numel(), _channels(total, self.channel_axis), name,
                      nan + [math.nan], ("", ""))
         self._last_sum = total
@@ -549,9 +578,11 @@ class _Recorder:
         self.names.append(name)
         self.norms.append(norms)
         self._inputs.extend(block_input)
-        self._stats.extend(skip)
-        self._stats.extend(branch)
-        self._stats.extend(total)
+        self._stats.extend(skip[:3])
+        self._stats.extend(branch[:3])
+        self._stats.extend(total[:3])
+        # (subclasses that record theory give three statistics: no token correlation)
+        self._tokens.extend(v[3] if len(v) > 3 else math.nan for v in (skip, branch, total))
         self._info.extend((projection, numel_skip, numel_sum, channels))
         self.merges += 1
 
@@ -619,6 +650,11 @@ class _Recorder:
         # Values per channel that each statistic averaged over (batch x positions): the
         # squared channel mean of n such samples carries a finite-sample term variance / n.
         per_channel = np.append(info[:, 1] / channels, info[-1, 2] / channels[-1])
+        tok = np.frombuffer(self._tokens, dtype=np.float64).reshape(D, 3)
+        tokens = None
+        if np.isfinite(tok).any():
+            tokens = Tokens(skip=np.append(tok[:, 0], tok[-1, 2]), branch=tok[:, 1].copy(),
+                            length=self.tokens_per_sequence)
         with np.errstate(divide="ignore"):
             merge_log2 = np.log2(stats[:, 2, 0])
         return Profile(skip=Stats.from_linear(*skip.T), branch=Stats.from_linear(*branch.T),
@@ -630,7 +666,7 @@ class _Recorder:
                        post_norm=tuple(p for _, p in self.norms),
                        channels=int(channels.min()), samples_per_channel=per_channel,
                        merge_log2_second_moment=merge_log2, first_nonfinite_block=first_bad,
-                       mode=mode, readout=readout, meta=meta)
+                       mode=mode, readout=readout, tokens=tokens, meta=meta)
 
 
 # --- finding merges ----------------------------------------------------------------------------
@@ -1134,7 +1170,9 @@ def _block_hook(finder, name):
             return None
         if isinstance(x, torch.Tensor) and x.shape == output.shape:
             with torch.no_grad():
-                branch = _channel_stats(output - x, recorder.channel_axis)
+                diff = output - x
+                branch = (_channel_stats(diff, recorder.channel_axis)
+                          + [_token_cosine(diff, recorder.channel_axis)])
             recorder.record(x, recorder.stats(x), branch, output, projection=False, name=name,
                             input_stats=recorder.input_stats(x),
                             norms=held[-1][-1] if held else ("", ""))

@@ -70,6 +70,48 @@ QUANTITIES = ("second_moment", "squared_mean", "variance")
 
 
 @dataclass(frozen=True)
+class Tokens:
+    """Token geometry of a sequence model (channel axis last, tokens on the axis before it).
+
+    Attributes:
+        skip: (depth + 1,), the token correlation at each skip operand (then the last
+            merge's sum): the mean cosine between two different tokens of one sequence,
+            averaged over sequences. 1 is rank collapse: every token the same direction.
+        branch: (depth,), the same for each residual-branch operand.
+        log2_skip_sequence_mean, log2_branch_sequence_mean: log2 of the second moment of
+            each sequence's token mean, (1/T^2) sum_tu E[x_t . x_u] / n: a batch of B
+            sequences measures the squared channel mean plus (this - squared mean) / B,
+            which ``compare`` adds to a prediction (theory only; None on measurements).
+        length: tokens per sequence T.
+    NaN where a tensor is not a sequence.
+    """
+
+    skip: np.ndarray
+    branch: np.ndarray
+    log2_skip_sequence_mean: Optional[np.ndarray] = None
+    log2_branch_sequence_mean: Optional[np.ndarray] = None
+    length: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        def array(a):
+            return None if a is None else _jsonable(a)
+        return {"skip": array(self.skip), "branch": array(self.branch),
+                "log2_skip_sequence_mean": array(self.log2_skip_sequence_mean),
+                "log2_branch_sequence_mean": array(self.log2_branch_sequence_mean),
+                "length": self.length}
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> Optional["Tokens"]:
+        if d is None:
+            return None
+
+        def array(a):
+            return None if a is None else np.array([float(v) for v in a], dtype=np.float64)
+        return cls(array(d["skip"]), array(d["branch"]), array(d.get("log2_skip_sequence_mean")),
+                   array(d.get("log2_branch_sequence_mean")), d.get("length"))
+
+
+@dataclass(frozen=True)
 class Normalised:
     """Where a block's normalisations sit (theory): a finite network's random drift of scale
     stops at a normalisation, so ``compare`` narrows its finite-width band there.
@@ -124,6 +166,11 @@ class Profile:
             network's statistics (:class:`propagation.finite.Spread`: median and sigma per
             position, in log2); ``quantile(p)`` reads it. None at infinite width.
 
+    Sequence models (None elsewhere):
+        tokens: :class:`Tokens`, the token correlation per position (the theory of the
+            transformer schemes, and ``measure`` on tensors with channels last and a token
+            axis before them).
+
     Measurement only (None on theory):
         block_input: Stats (depth,) of each block's input: for an identity shortcut the skip
             operand itself; for a projection shortcut the input of the module that owns the
@@ -174,6 +221,7 @@ class Profile:
     mode: Optional[str] = None
     readout: Optional[str] = None
     spread: Optional[Any] = None
+    tokens: Optional[Tokens] = None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -232,6 +280,7 @@ class Profile:
                 "first_nonfinite_block": self.first_nonfinite_block, "mode": self.mode,
                 "readout": self.readout,
                 "spread": None if self.spread is None else self.spread.to_dict(),
+                "tokens": None if self.tokens is None else self.tokens.to_dict(),
                 "meta": {k: _jsonable(v) if isinstance(v, np.ndarray) else v
                          for k, v in self.meta.items()},
                 "samples": [s.to_dict() for s in self.samples]}
@@ -260,6 +309,7 @@ class Profile:
                    first_nonfinite_block=d.get("first_nonfinite_block"), mode=d.get("mode"),
                    readout=d.get("readout"),
                    spread=_spread_from(d.get("spread")),
+                   tokens=Tokens.from_dict(d.get("tokens")),
                    meta=d.get("meta", {}))
 
     def to_json(self, **kw) -> str:
