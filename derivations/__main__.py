@@ -2,7 +2,7 @@
 import argparse
 import time
 
-from . import closed_forms, finite_width, kernels
+from . import attention, closed_forms, finite_width, kernels
 
 _HEADER = """Signal propagation at initialisation, derived with sympy.
 Notation: l = block index, D = depth, q0 / m0 = second moment / squared mean of the input x_0,
@@ -20,7 +20,8 @@ def main(argv=None):
                 (f"Closed forms ({args.layers} weight layers per branch)",
                  closed_forms.derivations(args.layers)),
                 ("Where THEORY.md differs from the derivation", closed_forms.theory_notes()),
-                ("Finite width: one channel's moments", finite_width.derivations())]
+                ("Finite width: one channel's moments", finite_width.derivations()),
+                ("Attention at initialisation", attention.derivations())]
     for title, records in sections:
         print(f"\n== {title} ==")
         scheme = None

@@ -601,6 +601,164 @@ def residual_mlp(depth, width=256, scheme="batchnorm", num_classes=None, **param
                      num_classes)
 
 
+# --- transformers -------------------------------------------------------------------------------
+
+class SelfAttention(nn.Module):
+    """Multi-head softmax self-attention, no biases, written plainly (q, k, v, o Linear layers
+    and ``F.scaled_dot_product_attention``).
+
+    Query and key weights have variance ``logit_std / width`` each, so a logit between two
+    unit-norm tokens has variance logit_std^2 (the theory's g); value and output weights
+    ``gain2 / width`` (DeepNorm's beta^2 x xavier's 1 / width)."""
+
+    def __init__(self, width, heads, logit_std=0.0, causal=False, gain2=1.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width must be a multiple of heads, got width={width}, heads={heads}")
+        self.heads, self.causal = heads, bool(causal)
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width, bias=False) for _ in range(4))
+        for lin in (self.q, self.k):
+            _normal_(lin.weight, logit_std)
+        for lin in (self.v, self.o):
+            _normal_(lin.weight, gain2)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        h = self.heads
+
+        def split(y):
+            return y.view(b, t, h, c // h).transpose(1, 2)
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
+                                             is_causal=self.causal)
+        return self.o(out.transpose(1, 2).reshape(b, t, c))
+
+
+class FeedForward(nn.Module):
+    """Linear(width, 4 width) with variance gain2 / fan_in, ReLU, Linear(4 width, width) with
+    2 gain2 / fan_in (He): the second moment passes unchanged at gain2 = 1."""
+
+    def __init__(self, width, gain2=1.0, expansion=4):
+        super().__init__()
+        self.fc1 = nn.Linear(width, expansion * width, bias=False)
+        self.fc2 = nn.Linear(expansion * width, width, bias=False)
+        _normal_(self.fc1.weight, gain2)
+        _normal_(self.fc2.weight, 2.0 * gain2)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class TransformerLayer(nn.Module):
+    """One transformer layer, two residual merges, in the way libraries write them:
+
+    * ``norm="pre"``: ``x = x + alpha * attn(ln1(x)); x = x + alpha * mlp(ln2(x))``;
+    * ``norm="post"``: ``x = ln1(skip_gain * x + attn(x)); x = ln2(skip_gain * x + mlp(x))``;
+    * ``norm="none"``: ``x = x + alpha * attn(x); x = x + alpha * mlp(x)``.
+
+    ``alpha`` is a learnable scalar (ReZero), a learnable per-channel vector (LayerScale,
+    ``per_channel=True``), or None for no multiplier.
+    """
+
+    def __init__(self, width, heads, norm, logit_std=0.0, causal=False, alpha=None,
+                 per_channel=False, skip_gain=1.0, gain2=1.0):
+        super().__init__()
+        self.norm = norm
+        self.attn = SelfAttention(width, heads, logit_std, causal, gain2)
+        self.mlp = FeedForward(width, gain2)
+        if norm != "none":
+            self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.skip_gain = float(skip_gain)
+        if alpha is None:
+            self.alpha1 = self.alpha2 = None
+        else:
+            shape = (width,) if per_channel else ()
+            self.alpha1 = nn.Parameter(torch.full(shape, float(alpha)))
+            self.alpha2 = nn.Parameter(torch.full(shape, float(alpha)))
+
+    def _scaled(self, y, alpha):
+        return y if alpha is None else alpha * y
+
+    def forward(self, x):
+        if self.norm == "pre":
+            x = x + self._scaled(self.attn(self.ln1(x)), self.alpha1)
+            return x + self._scaled(self.mlp(self.ln2(x)), self.alpha2)
+        if self.norm == "post":
+            skip = x if self.skip_gain == 1.0 else self.skip_gain * x
+            x = self.ln1(skip + self.attn(x))
+            skip = x if self.skip_gain == 1.0 else self.skip_gain * x
+            return self.ln2(skip + self.mlp(x))
+        x = x + self._scaled(self.attn(x), self.alpha1)
+        return x + self._scaled(self.mlp(x), self.alpha2)
+
+
+class Transformer(nn.Module):
+    """A stack of :class:`TransformerLayer`, input (batch, tokens, width) (no embedding: the
+    theory's input is a random sequence), then the final LayerNorm of pre-norm stacks.
+
+    Attributes: ``layers`` (``nn.Sequential``), ``final_norm`` (or None), ``theory`` (with
+    the sequence length taken from the input by ``check``), ``scheme``, ``params``."""
+
+    def __init__(self, layers, final_norm, theory):
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+        self.final_norm = final_norm
+        self.theory = theory
+        self.scheme = theory["scheme"]
+        self.params = {k: v for k, v in theory.items() if k not in ("depth", "scheme")}
+
+    def forward(self, x):
+        x = self.layers(x)
+        return x if self.final_norm is None else self.final_norm(x)
+
+
+def transformer(depth, width=256, scheme="transformer_preln", heads=4, logit_std=0.3,
+                causal=False, **params):
+    """The reference network of a transformer scheme (``propagation.sequence``).
+
+    Args:
+        depth: transformer layers (each two residual merges).
+        width: channels of the residual stream; heads: attention heads (width % heads == 0).
+        scheme: a sequence scheme: transformer_preln, transformer_postln, rezero, layerscale,
+            deepnorm, depth_mup or completep.
+        logit_std: the standard deviation of an attention logit between unit-norm tokens
+            (query and key weights of variance logit_std / width); 0 is uniform attention.
+            The default 0.3 is BERT's and GPT-2's (N(0, 0.02^2) weights at width 768).
+        causal: a causal mask.
+        **params: the scheme's (``alpha``; DeepNorm's ``decoder`` and ``beta_factor``).
+    Input (batch, tokens, width); the output is the residual stream after the final norm.
+    Use ``check(model, (batch, tokens, width), channel_axis=-1)``.
+    """
+    from .sequence import SEQ_SCHEMES, deepnorm_constants
+    depth = _checks.positive_int("depth", depth)
+    width = _checks.positive_int("width", width)
+    heads = _checks.positive_int("heads", heads)
+    logit_std = _checks.finite_float("logit_std", logit_std, low=0.0)
+    if scheme not in SEQ_SCHEMES:
+        raise ValueError(f"scheme must be a transformer scheme, one of {', '.join(SEQ_SCHEMES)}; "
+                         f"got {scheme!r}" + _checks.close_names(scheme, SEQ_SCHEMES))
+    clean = SEQ_SCHEMES[scheme].clean_params(params)
+    kw = dict(logit_std=logit_std, causal=causal)
+    if scheme == "transformer_postln":
+        make = lambda: TransformerLayer(width, heads, "post", **kw)  # noqa: E731
+    elif scheme == "deepnorm":
+        a, b = deepnorm_constants(depth, clean["decoder"])
+        b *= clean["beta_factor"]
+        make = lambda: TransformerLayer(width, heads, "post", skip_gain=a, gain2=b * b, **kw)  # noqa: E731
+    elif scheme == "rezero":
+        make = lambda: TransformerLayer(width, heads, "none", alpha=clean["alpha"], **kw)  # noqa: E731
+    else:
+        alpha = {"depth_mup": (2.0 * depth) ** -0.5,
+                 "completep": 1.0 / (2.0 * depth)}.get(scheme, clean.get("alpha", 1.0))
+        per_channel = scheme == "layerscale"
+        make = lambda: TransformerLayer(  # noqa: E731
+            width, heads, "pre", alpha=None if alpha == 1.0 and not per_channel else alpha,
+            per_channel=per_channel, **kw)
+    final = nn.LayerNorm(width) if scheme not in ("transformer_postln", "deepnorm", "rezero") else None
+    theory = {"scheme": scheme, "depth": depth, "causal": bool(causal), "logit_std": logit_std,
+              **clean}
+    return Transformer([make() for _ in range(depth)], final, theory)
+
+
 # --- finite-size corrections for the theory ---------------------------------------------------
 
 def _inbounds(size, kernel, stride, padding, dilation=1):

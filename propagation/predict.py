@@ -81,6 +81,11 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
             averages the spread. Default: the infinite-batch limit. Only with ``width``.
         **params: the scheme's own parameters (e.g. ``alpha`` for skipinit and nf).
 
+    Transformer schemes (``propagation.sequence``: transformer_preln, transformer_postln,
+    rezero, layerscale, deepnorm, depth_mup, completep) take ``depth`` as transformer layers
+    (two merges each), ``tokens``, ``causal``, ``logit_std``, ``input_token_correlation``
+    and their own parameters, and return a profile with ``tokens`` (the token correlation).
+
     Returns:
         A :class:`Profile` with ``skip`` (D + 1,), ``branch`` (D,), ``grad`` (D + 1,) and
         ``downscale`` (D,). Values are float64, computed in log2 space; ``log2_*`` fields hold
@@ -100,6 +105,15 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
                             "(the finite-width spread covers the scheme form only)")
         from .structural import predict_model
         return predict_model(depth, scheme, **params)
+    from .sequence import is_sequence_scheme, predict_sequence
+    if is_sequence_scheme(scheme):
+        if (stages is not None or not project_first or layers != 2 or padding_factors is not None
+                or branch_gain != 1.0 or width is not None or batch is not None):
+            raise TypeError(f"{scheme!r} is a transformer scheme (propagation.sequence): it takes "
+                            f"tokens, causal, logit_std, the input moments and its own parameters, "
+                            f"not stages, layers, padding_factors, branch_gain, width or batch")
+        return predict_sequence(depth, scheme, input_second_moment=input_second_moment,
+                                input_squared_mean=input_squared_mean, **params)
     setup = _setup(depth, scheme, stages, project_first, layers, input_second_moment,
                    input_squared_mean, padding_factors, branch_gain, params)
     plan, block, q0, m0 = setup.plan, setup.block, setup.q0, setup.m0
