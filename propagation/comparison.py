@@ -49,7 +49,11 @@ from . import _checks
 from .profile import Normalised, Profile
 
 #: Target relative tolerances (ln(1 + t) in log space) per quantity, from issue 4.
-TOLERANCE = {"second_moment": 0.10, "squared_mean": 0.15, "variance": 0.15, "grad": 0.25}
+TOLERANCE = {"second_moment": 0.10, "squared_mean": 0.15, "variance": 0.15, "grad": 0.25,
+             "token_correlation": 0.05}
+#: Quantities compared as a difference, not a log-ratio (the token correlation of a
+#: sequence model, a mean cosine in [-1, 1]): its tolerance is absolute.
+ABSOLUTE = ("token_correlation",)
 #: With a finite-width theory (``predict(..., width=n)``) the band is its predicted spread
 #: plus these: the error allowed the theory's median. 5% on second moments is issue 14's
 #: target for the median; squared means, variances and gradients carry 1/n mean corrections
@@ -202,7 +206,7 @@ def grad_sigma(theory, width, layers=2):
 
 
 def compare(theory: Profile, measured: Profile, *, width: Optional[int] = None,
-            quantities: Sequence[str] = ("second_moment", "squared_mean", "variance", "grad"),
+            quantities: Sequence[str] = tuple(TOLERANCE),
             skip_first: bool = False) -> "Comparison":
     """Compare a prediction with a measurement, per block and quantity.
 
@@ -212,7 +216,8 @@ def compare(theory: Profile, measured: Profile, *, width: Optional[int] = None,
         measured: a Profile from ``measure`` with the same number of merges.
         width: channels of the residual stream, for the finite-width band (default: the
             smallest channel count that ``measure`` recorded).
-        quantities: any of "second_moment", "squared_mean", "variance" and "grad".
+        quantities: any of "second_moment", "squared_mean", "variance", "grad" and
+            "token_correlation" (sequence models; compared as a difference within 0.05).
     Returns: a :class:`Comparison` (``ok``, ``worst``, ``failures``, ``table()``).
     """
     for name, p in (("theory", theory), ("measured", measured)):
@@ -234,7 +239,10 @@ def compare(theory: Profile, measured: Profile, *, width: Optional[int] = None,
     rows = []
 
     from scipy.stats import norm
-    n_checks = len(quantities) * (2 * theory.depth + 1)
+    # Token correlations are checks only where both profiles have them (sequence models).
+    applies = [q for q in quantities if q != "token_correlation"
+               or (theory.tokens is not None and measured.tokens is not None)]
+    n_checks = max(len(applies), 1) * (2 * theory.depth + 1)
     z = float(norm.isf(_FALSE_ALARM / (2 * n_checks)))
 
     spread = theory.spread
@@ -282,7 +290,11 @@ def compare(theory: Profile, measured: Profile, *, width: Optional[int] = None,
             rows.append(Row(part, quantity, l, float(np.exp2(p2)), float(np.exp2(m2)),
                             float(lr), float(centre), float(band), ok))
 
+    seq = _sequence_batch(theory, measured, n_skip)
     for q in quantities:
+        if q == "token_correlation":
+            rows += _token_rows(theory, measured, width, layers, z)
+            continue
         if q == "grad":
             add("grad", "second_moment", theory.grad.log2_second_moment,
                 measured.grad.log2_second_moment, grad_sigma(theory, width, layers),
@@ -292,6 +304,21 @@ def compare(theory: Profile, measured: Profile, *, width: Optional[int] = None,
         for part, n_s, sig in (("skip", n_skip, sig_skip), ("branch", n_branch, sig_branch)):
             stats = getattr(theory, part)
             floor = None
+            if seq is not None and q != "second_moment":
+                # A batch of B sequences: the squared mean of the tokens' channel means holds
+                # (sequence mean - squared mean) / B, tokens of one sequence being correlated.
+                excess = seq[part]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    if q == "squared_mean":
+                        pred = np.logaddexp2(stats.log2_squared_mean, excess)
+                        floor = np.logaddexp2(excess, stats.log2_second_moment - math.log2(width))
+                    else:
+                        pred = np.log2(np.maximum(stats.second_moment[:len(excess)]
+                                                  - np.exp2(np.logaddexp2(
+                                                      stats.log2_squared_mean, excess)), 0.0))
+                add(part, q, pred, getattr(getattr(measured, part), f"log2_{q}"), sig,
+                    TOLERANCE[q], floor)
+                continue
             if q == "squared_mean":
                 # A channel mean smaller than what n samples per channel (variance / n) or
                 # `width` channels (second moment / width) resolve is noise, not signal.
@@ -305,6 +332,74 @@ def compare(theory: Profile, measured: Profile, *, width: Optional[int] = None,
     if skip_first:
         rows = [r for r in rows if not (r.part == "skip" and r.block == 0)]
     return Comparison(rows=tuple(rows), width=width, seeds=seeds)
+
+
+def _sequence_batch(theory, measured, n_skip):
+    """For a sequence theory (``tokens`` with sequence means) and a measurement of known
+    sequence length: per part, log2 of (sequence mean - squared mean) / B, the finite
+    batch's excess in the measured squared channel mean; None otherwise."""
+    tok = theory.tokens
+    mt = measured.tokens
+    if (tok is None or tok.log2_skip_sequence_mean is None or mt is None or not mt.length
+            or not np.all(np.isfinite(n_skip))):
+        return None
+    out = {}
+    for part, n in (("skip", n_skip), ("branch", n_skip[:-1])):
+        stats = getattr(theory, part)
+        batch = np.asarray(n, dtype=np.float64) / mt.length
+        seq_mean = np.exp2(getattr(tok, f"log2_{part}_sequence_mean"))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[part] = np.log2(np.maximum(seq_mean - stats.squared_mean, 0.0) / batch)
+    return out
+
+
+def _token_rows(theory, measured, width, layers, z):
+    """The token correlation (mean cosine between two tokens of a sequence), per position:
+    rows of part "tokens:skip" / "tokens:branch" whose ``log_ratio`` is the difference
+    measured - predicted, within the absolute TOLERANCE (0.05, issue 15's target) plus
+    z 1.25 sigma / sqrt(S) of one network's spread (:func:`token_sigma`). Only where both
+    are defined (sequence tensors, non-zero branches)."""
+    if theory.tokens is None or measured.tokens is None:
+        return []
+    seeds = max(1, len(measured.samples))
+    sig = token_sigma(theory, width, layers)
+    rows = []
+    for part in ("skip", "branch"):
+        pred = getattr(theory.tokens, part)
+        meas = getattr(measured.tokens, part)
+        for l, (p, m) in enumerate(zip(pred, meas)):
+            if np.isfinite(p) and np.isfinite(m):
+                d = float(m - p)
+                band = TOLERANCE["token_correlation"] + z * _MEDIAN_SE * sig[part][l] / math.sqrt(seeds)
+                rows.append(Row(f"tokens:{part}", "token_correlation", l, float(p), float(m),
+                                d, 0.0, float(band), abs(d) <= band))
+    return rows
+
+
+def token_sigma(theory, width, layers=2):
+    """Standard deviation of one network's token correlation at each skip position and
+    branch, to first order in 1 / width: {"skip": (depth + 1,), "branch": (depth,)}.
+
+    A weight layer of n outputs realises the correlation r of two inputs as the sample
+    correlation of n Gaussian pairs, of variance (1 - r^2)^2 / n (Fisher); the token pairs
+    of a sequence share the weights, so their mean carries at most that (taken whole: an
+    upper bound). A branch of ``layers`` weight layers adds ``layers`` such terms at its
+    output's correlation, and inherits its input's spread (the kernel maps' slopes are at
+    most 1); the merge mixes the skip's and the branch's correlations in proportion to
+    their second moments, f = branch / sum, so Var passes as (1 - f)^2 and f^2."""
+    tok = theory.tokens
+    rb = np.nan_to_num(tok.branch, nan=1.0)
+    own = layers * (1.0 - np.clip(rb, -1.0, 1.0) ** 2) ** 2 / width
+    with np.errstate(invalid="ignore", over="ignore"):
+        f = np.nan_to_num(np.exp2(theory.branch.log2_second_moment
+                                  - theory.skip.log2_second_moment[1:]), nan=0.0)
+    f = np.clip(f, 0.0, 1.0)
+    var_s = np.zeros(theory.depth + 1)
+    var_b = np.zeros(theory.depth)
+    for l in range(theory.depth):
+        var_b[l] = var_s[l] + own[l]
+        var_s[l + 1] = (1.0 - f[l]) ** 2 * var_s[l] + f[l] ** 2 * var_b[l]
+    return {"skip": np.sqrt(var_s), "branch": np.sqrt(var_b)}
 
 
 def _spread_rows(theory, measured, quantities, seeds):
@@ -348,7 +443,7 @@ def _spread_rows(theory, measured, quantities, seeds):
     return out
 
 
-def input_state(measured: Profile) -> Dict[str, float]:
+def input_state(measured: Profile, tokens: bool = False) -> Dict[str, float]:
     """``predict`` keyword arguments for the measured state of x_0, the first block's input.
 
     x_0 is the input of the module that owns the first merge (``measured.block_input[0]``):
@@ -361,6 +456,10 @@ def input_state(measured: Profile) -> Dict[str, float]:
     The squared channel mean of n samples per channel overestimates the population one by
     variance / n, and the sample variance is (1 - 1/n) of it; that term is removed here
     (compare adds it back to every prediction).
+
+    With ``tokens=True`` (the transformer schemes' theory) and a sequence measurement, the
+    state is that of exchangeable tokens: ``input_token_correlation`` too, and the squared
+    mean corrected for the batch's B sequences of correlated tokens instead.
     """
     if not isinstance(measured, Profile):
         raise TypeError(f"measured must be a propagation.Profile, got {type(measured).__name__}")
@@ -372,6 +471,18 @@ def input_state(measured: Profile) -> Dict[str, float]:
     q0 = float(stats.second_moment[0])
     m0 = float(stats.squared_mean[0])
     v0 = float(stats.variance[0])
+    tok = measured.tokens
+    if tokens and tok is not None and tok.length and np.isfinite(tok.skip[0]):
+        # A sequence: B = n0 / T sequences, each of mean second moment
+        # q (1/T + (1 - 1/T) r) for token correlation r; the squared mean of B of them holds
+        # (that - m) / B. The theory starts from exchangeable tokens of correlation r.
+        T = tok.length
+        r = float(np.clip(tok.skip[0], -1.0 / (T - 1), 1.0))
+        B = n0 / T
+        seq_mean = q0 * (1.0 / T + (1.0 - 1.0 / T) * r)
+        m = (m0 - seq_mean / B) / (1.0 - 1.0 / B) if B > 1 else 0.0
+        return {"input_second_moment": q0, "input_squared_mean": min(max(m, 0.0), q0),
+                "input_token_correlation": r}
     return {"input_second_moment": q0,
             "input_squared_mean": min(max(m0 - v0 / (n0 - 1.0), 0.0), q0)}
 

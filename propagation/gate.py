@@ -2,7 +2,9 @@
 
 Every scheme with a reference network, at each of its registered ``gate`` settings, is
 measured on the residual MLP (depths 1, 10, 100, 1000) and the convolutional ResNet-V2
-(depths 1, 10, 100) over 3 seeds and checked with :func:`propagation.check`. The test suite
+(depths 1, 10, 100) over 3 seeds and checked with :func:`propagation.check`; every
+transformer scheme (``propagation.sequence``) on its reference transformer (1, 10 and 100
+layers, 32 tokens, width 256). The test suite
 (tests/test_gate.py) asserts every case; figures/agreement.py tabulates them. Both read this
 module, so the table shows exactly what CI checks.
 
@@ -26,6 +28,10 @@ from .schemes import registered
 SEEDS = 3
 MLP_DEPTHS = (1, 10, 100, 1000)
 CONV_DEPTHS = (1, 10, 100)
+#: Transformer layers (two merges each) of the transformer schemes' reference networks:
+#: width 256, 4 heads, batches of 8 random sequences of 32 tokens, logit_std 0.3.
+TRANSFORMER_DEPTHS = (1, 10, 100)
+TRANSFORMER_SHAPE = (8, 32, 256)
 
 DEEP_NARROW = ("1000 unnormalised blocks at width 128: the predicted spread of ln q is 5 nats "
                "(Var ~ 7 D / n = 55), where the finite-width theory, an expansion in that "
@@ -71,12 +77,16 @@ class Case:
 
     @property
     def width(self) -> int:
+        if self.arch == "transformer":
+            return TRANSFORMER_SHAPE[-1]
         if self.arch == "conv":
             return 32
         return 256 if self.depth < 1000 else 128
 
     @property
     def shape(self) -> Tuple[int, ...]:
+        if self.arch == "transformer":
+            return TRANSFORMER_SHAPE
         return (8, 3, 32, 32) if self.arch == "conv" else (self.width, self.width)
 
     @property
@@ -90,6 +100,9 @@ class Case:
         return KNOWN.get((self.arch, self.id, self.depth), ((), ""))
 
     def builder(self) -> Callable[[], torch.nn.Module]:
+        if self.arch == "transformer":
+            return lambda: nets.transformer(self.depth, width=self.width, scheme=self.scheme,
+                                            **self.params)
         if self.arch == "mlp":
             return lambda: nets.residual_mlp(self.depth, width=self.width, scheme=self.scheme,
                                              **self.params)
@@ -103,7 +116,8 @@ class Case:
         if quantities is None:
             quantities = tuple(q for q in ALL_QUANTITIES if q not in self.known[0])
         return check(self.builder(), self.shape, seeds=seeds, dtype=self.dtype,
-                     quantities=quantities, progress=False, diagnosis=False)
+                     quantities=quantities, progress=False, diagnosis=False,
+                     channel_axis=-1 if self.arch == "transformer" else 1)
 
     def __str__(self) -> str:
         return f"{self.arch}-{self.id}-{self.depth}"
@@ -114,13 +128,22 @@ def settings() -> List[Tuple[str, Mapping[str, object]]]:
     return [(s.name, dict(p)) for s in registered() if s.network is not None for p in s.gate]
 
 
+def transformer_settings() -> List[Tuple[str, Mapping[str, object]]]:
+    """(scheme, parameters) of every gate setting of every transformer scheme."""
+    from .sequence import SEQ_SCHEMES
+    return [(s.name, dict(p)) for s in SEQ_SCHEMES.values() for p in s.gate]
+
+
 def cases(arch: Optional[str] = None) -> List[Case]:
-    """Every case, MLP first, in registration order within each depth."""
+    """Every case: MLP, conv, then transformer, in registration order within each depth."""
     out = []
     for a, depths in (("mlp", MLP_DEPTHS), ("conv", CONV_DEPTHS)):
         if arch in (None, a):
             out += [Case(a, scheme, params, depth) for scheme, params in settings()
                     for depth in depths]
+    if arch in (None, "transformer"):
+        out += [Case("transformer", scheme, params, depth)
+                for scheme, params in transformer_settings() for depth in TRANSFORMER_DEPTHS]
     return out
 
 

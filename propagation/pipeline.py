@@ -239,6 +239,16 @@ def theory_kwargs(model: torch.nn.Module, measured: Profile,
     if "scheme" not in base:
         raise ValueError("the theory needs a scheme: the model has no .theory, so pass "
                          "theory={'scheme': ...} (or scheme=...) to check")
+    from .sequence import is_sequence_scheme
+    if is_sequence_scheme(base["scheme"]):
+        # A transformer scheme: depth counts layers (two merges each), the sequence length
+        # comes from the measurement, and there are no stages or padding.
+        base.setdefault("depth", max(measured.depth // 2, 1))
+        if "tokens" not in base and measured.tokens is not None and measured.tokens.length:
+            base["tokens"] = measured.tokens.length
+        if "input_second_moment" not in base:
+            base.update(input_state(measured, tokens=True))
+        return base
     base.setdefault("depth", measured.depth)
     if "stages" not in base and base["depth"] == measured.depth:
         base.update(measured_stages(measured, base.get("project_first")))
