@@ -561,6 +561,8 @@ class Diagnosis:
         messages: sentences for people; ``str()`` joins them.
         candidates: every scheme fitted: those with the profile's structure first, each
             group closest first.
+        transformer: for sequence models (a profile with ``tokens``) of alternating
+            attention and MLP merges, :class:`TransformerDiagnosis`; None otherwise.
     """
 
     law: str
@@ -570,6 +572,7 @@ class Diagnosis:
     candidates: tuple = ()
     family: str = ""
     structure: str = ""
+    transformer: Optional["TransformerDiagnosis"] = None
 
     @property
     def distance(self) -> float:
@@ -949,5 +952,122 @@ def diagnose(measured: Profile) -> "Diagnosis":
     for test, text in NOTES:
         if test(features):
             messages.append(text.format(**features))
+    tdiag = diagnose_transformer(measured)
+    if tdiag is not None:
+        messages += list(tdiag.messages)
     return Diagnosis(law, float(rate), closest, tuple(messages), tuple(candidates),
-                     family=family, structure=said)
+                     family=family, structure=said, transformer=tdiag)
+
+
+#: A token correlation at or above this is rank collapse: the tokens of a sequence point
+#: the same way (cosine 0.9: 1 - r, the tokens' own part of the second moment, is 10%).
+COLLAPSE = 0.9
+#: DeepNorm's prescriptions are told apart from a mis-set one beyond this factor on beta
+#: (1.1: 1.46x the branch variance, beyond the 7/n spread of a median branch at width 64+).
+DEEPNORM_TOLERANCE = 1.1
+
+
+@dataclass(frozen=True)
+class TransformerDiagnosis:
+    """A sequence model read as a transformer (``diagnose`` fills it in).
+
+    Attributes:
+        family: "post-LN" (a norm after every merge), "pre-LN" (a norm in every branch and
+            none after the merge), "DeepNorm" (post-LN whose skip operand is scaled by
+            DeepNorm's alpha for this depth) or "unnormalised" (ReZero-like).
+        alpha: the effective branch multiplier: sqrt of the median MLP-branch second moment
+            over that of the reference block's MLP branch reading the same normalised input
+            (1 for a ReLU He MLP); pre-LN stacks grow their stream by about alpha^2 per merge.
+        alpha_attention: the same for the attention branches, against uniform attention over
+            the measured token correlation r (second moment r + (1 - r)/T).
+        skip_gain: sqrt of the median skip operand's second moment where a norm sits after
+            the previous merge (DeepNorm's alpha; 1 for post-LN); NaN elsewhere.
+        beta_factor: DeepNorm only: the measured beta over (8N)^(-1/4) (encoder) or
+            (12M)^(-1/4) (decoder), N the layers; beta^4 is the branch's second moment.
+        collapse_at: the first skip position whose token correlation reaches COLLAPSE, or
+            None.
+        messages: sentences for ``Diagnosis.messages``.
+    """
+
+    family: str
+    alpha: float
+    alpha_attention: float
+    skip_gain: float
+    beta_factor: float
+    collapse_at: Optional[int]
+    messages: tuple
+
+
+def diagnose_transformer(measured: Profile) -> Optional[TransformerDiagnosis]:
+    """The transformer reading of a sequence profile (see :class:`TransformerDiagnosis`);
+    None for profiles without token correlations or with an odd number of merges.
+
+    Merges alternate attention (even positions) and MLP (odd), as in every transformer layer
+    ``measure`` has met (BERT, GPT-2, Llama, ViT, nn.TransformerEncoder). The branch scales
+    are read locally, merge by merge, against the reference block reading the same
+    normalised input, so they do not depend on the rest of the stack.
+    """
+    tok = measured.tokens
+    D = measured.depth
+    if tok is None or D < 2 or D % 2 or not tok.length:
+        return None
+    T = tok.length
+    branch = measured.branch.second_moment
+    skip = measured.skip.second_moment[:-1]
+    post = [p for p in (measured.post_norm or ()) if p]
+    pre = [b for b in (measured.branch_norm or ()) if b]
+    normed_post = len(post) >= D - 1
+    normed_pre = len(pre) == D
+    r = np.clip(np.nan_to_num(tok.skip[:-1]), 0.0, 1.0)
+    # The branch reads the block input (post-LN: the previous merge's normalised sum), whose
+    # second moment is 1 after a norm, the skip operand's otherwise.
+    reads = np.ones(D) if (normed_pre or normed_post) else skip
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mlp = branch[1::2] / reads[1::2]
+        attn = branch[0::2] / (reads[0::2] * (r[0::2] + (1.0 - r[0::2]) / T))
+    alpha = float(np.sqrt(np.nanmedian(mlp))) if np.isfinite(mlp).any() else math.nan
+    alpha_attn = float(np.sqrt(np.nanmedian(attn))) if np.isfinite(attn).any() else math.nan
+    skip_gain, beta_factor = math.nan, math.nan
+    layers = D // 2
+    messages = []
+    if normed_post:
+        skip_gain = float(np.sqrt(np.median(skip[1:])))
+        from .sequence import deepnorm_constants
+        family = "post-LN"
+        for decoder in (False, True):
+            a, b = deepnorm_constants(layers, decoder)
+            if abs(math.log(skip_gain / a)) < math.log(1.05) and skip_gain > 1.05:
+                family = "DeepNorm"
+                beta_factor = math.sqrt(alpha) / b  # the MLP branch's second moment is beta^4
+                kind = "decoder (3M)^1/4, (12M)^-1/4" if decoder else "(2N)^1/4, (8N)^-1/4"
+                messages.append(f"transformer: DeepNorm, skip scaled by {skip_gain:.3g} = "
+                                f"{kind} for {layers} layers")
+                if abs(math.log(beta_factor)) > math.log(DEEPNORM_TOLERANCE):
+                    messages.append(f"DeepNorm's beta is {beta_factor:.3g}x the prescribed "
+                                    f"{b:.3g}: each branch carries {beta_factor ** 4:.3g}x the "
+                                    f"variance DeepNorm intends for {layers} layers")
+                break
+        if family == "post-LN":
+            messages.append("transformer: post-LN, a norm after every merge: the stream's "
+                            "second moment is reset each merge and its branches are not "
+                            "downscaled with depth" + (f" (skip operand scaled by {skip_gain:.3g})"
+                                                       if abs(skip_gain - 1) > 0.05 else ""))
+    elif normed_pre:
+        family = "pre-LN"
+        messages.append(f"transformer: pre-LN, effective alpha {alpha:.3g} (MLP) and "
+                        f"{alpha_attn:.3g} (attention) against the reference block: each merge "
+                        f"adds about alpha^2 to the stream's second moment (it starts at "
+                        f"{skip[0]:.3g}), so it grows linearly and the branches are downscaled "
+                        f"by ~sqrt(depth) against it")
+    else:
+        family = "unnormalised"
+        messages.append(f"transformer: no norms, effective alpha {alpha:.3g} (ReZero-like when "
+                        f"small)")
+    collapse = np.nonzero(np.nan_to_num(tok.skip) >= COLLAPSE)[0]
+    collapse_at = int(collapse[0]) if collapse.size else None
+    if collapse_at is not None:
+        messages.append(f"rank collapse: the tokens of a sequence reach a mean cosine of "
+                        f"{tok.skip[collapse_at]:.2f} at merge {collapse_at} (layer "
+                        f"{collapse_at // 2 + 1}): attention then averages near-identical tokens")
+    return TransformerDiagnosis(family, alpha, alpha_attn, skip_gain, beta_factor, collapse_at,
+                                tuple(messages))

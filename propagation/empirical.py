@@ -869,7 +869,10 @@ class _MergeFinder(TorchFunctionMode):
         if not self._learned(path, ancestor):
             return None
         post = 0
-        if 0 <= self.last_sum < na and da == 0:  # the skip path since the last merge's sum
+        # The skip path since the last merge's sum: for an identity shortcut, or one that only
+        # rescales (DeepNorm's alpha x: no learned layer from the common ancestor on).
+        if 0 <= self.last_sum < na and (da == 0 or (
+                self.last_sum < ancestor and not self._learned(self._path(na, ancestor), ancestor))):
             post = self._norms(self._path(na, self.last_sum), self.last_sum)
         return a, b, da > 0, ancestor, (_norm_names(self._norms(path, ancestor) & ~(_WEIGHTS | _ACTIVATION)),
                                         _norm_names(post))

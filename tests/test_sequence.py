@@ -223,3 +223,59 @@ def test_derivations_hold_and_match_the_theory():
             sp.Symbol("g", positive=True): g, sp.Symbol("T", positive=True, integer=True): T}
     assert float(records["attention K'_tt"].subs(subs)) == pytest.approx(out[0, 0], rel=1e-12)
     assert float(records["attention K'_tu"].subs(subs)) == pytest.approx(out[0, 1], rel=1e-12)
+
+
+# --- diagnose on transformers ---------------------------------------------------------------
+
+def _diagnosed(scheme, depth=16, width=128, **params):
+    torch.manual_seed(0)
+    model = nets.transformer(depth, width=width, scheme=scheme, **params)
+    m = propagation.measure(model, torch.randn(8, 32, width), channel_axis=-1)
+    return propagation.diagnose(m).transformer
+
+
+@pytest.mark.parametrize("scheme, family, alpha", [
+    ("transformer_preln", "pre-LN", 1.0), ("layerscale", "pre-LN", 0.1),
+    ("depth_mup", "pre-LN", 32 ** -0.5), ("transformer_postln", "post-LN", 1.0),
+    ("rezero", "unnormalised", 0.1), ("deepnorm", "DeepNorm", (8 * 16) ** -0.5)])
+def test_diagnose_names_the_transformer_family_and_alpha(scheme, family, alpha):
+    # alpha: the MLP branch's scale against the reference block's (DeepNorm: beta^2, the
+    # MLP branch's second moment being beta^4). The median of 16 branches at width 128: the
+    # 7/n spread per branch (sigma ~ 0.23 in ln q) leaves ~0.07 in ln alpha; 15% holds it.
+    params = {"alpha": 0.1} if scheme == "rezero" else {}
+    t = _diagnosed(scheme, **params)
+    assert t.family == family
+    assert t.alpha == pytest.approx(alpha, rel=0.15)
+
+
+def test_diagnose_flags_a_mis_set_deepnorm_beta():
+    ok = _diagnosed("deepnorm")
+    assert ok.beta_factor == pytest.approx(1.0, rel=0.1)
+    assert not any("beta is" in m for m in ok.messages)
+    off = _diagnosed("deepnorm", beta_factor=1.32)
+    assert off.beta_factor == pytest.approx(1.32, rel=0.1)
+    assert any("beta is" in m and "x the variance" in m for m in off.messages)
+
+
+def test_postln_collapse_is_flagged_by_16_layers_and_preln_is_not():
+    post = _diagnosed("transformer_postln", width=256)
+    assert post.collapse_at is not None and post.collapse_at <= 32
+    assert any("rank collapse" in m for m in post.messages)
+    assert _diagnosed("transformer_preln", width=256).collapse_at is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("propagation.zoo").zoo.available(), reason="needs transformers")
+@pytest.mark.parametrize("name, family", [("bert", "post-LN"), ("gpt2", "pre-LN"),
+                                          ("llama", "pre-LN")])
+def test_diagnose_reads_the_hugging_face_zoo(name, family):
+    from propagation import zoo
+    entry = zoo.entry(name)
+    torch.manual_seed(0)
+    model = entry.build()
+    m = propagation.measure(model, entry.inputs(0), channel_axis=-1, **entry.kwargs)
+    t = propagation.diagnose(m).transformer
+    assert t is not None and t.family == family
+    # Their N(0, 0.02^2) weights at width 64 make every branch small against the
+    # reference's: an effective alpha well below 1.
+    assert 0.0 < t.alpha < 0.2
