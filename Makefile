@@ -42,7 +42,7 @@ derivations: $(STAMP)
 PKG_SOURCES := $(wildcard propagation/*.py)
 FIG_DEPS    := figures/_common.py $(PKG_SOURCES)
 FIG_OUT     := figures/out
-FIGURES     := F1 F2 F3 F4
+FIGURES     := F1 F2 F3 F4 F6
 # Training experiments (propagation.train): each writes <ID>.json last. Finished runs are
 # cached in $(FIG_OUT)/runs, so an interrupted `make figures` continues where it stopped.
 TRAINING    := T1 F5 T2
@@ -59,6 +59,7 @@ $(eval $(call figure_rules,F1,figures/f1_statistics.py))
 $(eval $(call figure_rules,F2,figures/f2_sqrt_depth.py))
 $(eval $(call figure_rules,F3,figures/f3_signal_propagation.py))
 $(eval $(call figure_rules,F4,figures/f4_gradients.py))
+$(eval $(call figure_rules,F6,figures/f6_transformers.py))
 
 # $(call training_rules,ID,script,order-only prerequisites): full and quick, as figure_rules.
 define training_rules

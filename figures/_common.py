@@ -119,10 +119,15 @@ def write(out_dir, figure_id, fig, caption, settings, curves, started, **extra):
         json.dump(data, f, indent=1)
     fig.savefig(stem + ".pdf")
     fig.savefig(stem + ".png", dpi=110)
-    worst = [(c["label"], c["worst_abs_log2_ratio"]) for c in curves]
     print(f"{figure_id}: wrote {stem}.png, .pdf, .json in {data['seconds']:.1f} s")
-    for label, w in worst:
-        print(f"  {label:55s} worst |log2 measured/theory| = "
+    for c in curves:
+        if c.get("theory_only"):
+            continue
+        # Token correlations (in [-1, 1]) are compared as a difference, the rest as a ratio.
+        what, w = (("|measured - theory|", c["worst_abs_difference"])
+                   if "worst_abs_difference" in c
+                   else ("|log2 measured/theory|", c["worst_abs_log2_ratio"]))
+        print(f"  {c['label']:55s} worst {what} = "
               + ("n/a (nothing finite to compare)" if w is None else f"{w:.3f}"))
     return data
 

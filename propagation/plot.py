@@ -175,13 +175,21 @@ def scheme_color(scheme):
     Args: scheme: a scheme name (see :func:`propagation.schemes`); unknown names get grey.
     Returns: a matplotlib colour (an RGBA tuple).
     """
-    from .schemes import schemes
     plt = _pyplot()
-    names = list(schemes())
+    names = _scheme_names(scheme)
     if scheme not in names:
         return (0.4, 0.4, 0.4, 1.0)
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     return cmap(names.index(scheme) % cmap.N)
+
+
+def _scheme_names(scheme):
+    """The list a scheme's colour and style are indexed in: the registered schemes, or the
+    transformer schemes (propagation.sequence), which are drawn apart from them."""
+    from .schemes import schemes
+    from .sequence import SEQ_SCHEMES
+    registered = list(schemes())
+    return list(SEQ_SCHEMES) if scheme not in registered and scheme in SEQ_SCHEMES else registered
 
 
 #: |log2 value| beyond which plot_profile draws log2 values on a linear axis: matplotlib's
@@ -201,8 +209,7 @@ def scheme_style(scheme):
     Args: scheme: a scheme name. Returns: ``{"color", "marker", "linestyle"}``, keyword
     arguments for :func:`plot_profile`, :func:`plot_downscale` and :func:`plot_grad`.
     """
-    from .schemes import schemes
-    names = list(schemes())
+    names = _scheme_names(scheme)
     i = names.index(scheme) if scheme in names else 0
     return {"color": scheme_color(scheme), "marker": _MARKERS[i % len(_MARKERS)],
             "linestyle": _LINESTYLES[i % len(_LINESTYLES)]}
@@ -375,6 +382,60 @@ def plot_grad(measured=None, theory=None, ax=None, label=None, color=None, how="
     return plot_profile(measured, theory, part="grad", quantity="second_moment", ax=ax,
                         label=label, color=color, how=how, logx=logx, logy=logy,
                         max_points=max_points, marker=marker, linestyle=linestyle, log2=log2)
+
+
+def plot_tokens(measured=None, theory=None, part="skip", ax=None, label=None, color=None,
+                max_points=80, marker="o", linestyle="-", offset=0):
+    """Draw the token correlation (mean cosine between two tokens of one sequence) per
+    merge: theory as a line, the measured median as points with the min-max over seeds.
+
+    Args:
+        measured, theory: Profiles of a sequence model (``tokens`` set), either may be None.
+        part: "skip" (the residual stream at each merge, then the last sum) or "branch".
+        ax, label, color, max_points, marker, linestyle, offset: as :func:`plot_profile`.
+    Returns: the Axes (linear y axis from 0 to 1: 1 is rank collapse).
+    """
+    _check(measured, "measured")
+    _check(theory, "theory")
+    _checks.choice("part", part, ("skip", "branch"))
+    for name, p in (("measured", measured), ("theory", theory)):
+        if p is not None and p.tokens is None:
+            raise ValueError(f"{name} has no token correlations (Profile.tokens is None): "
+                             f"measure a sequence model with channel_axis=-1, or predict a "
+                             f"transformer scheme")
+    if measured is None and theory is None:
+        raise ValueError("plot_tokens needs a measured profile, a theory profile or both")
+    ax = _axes(ax)
+    if color is None:
+        scheme = (theory or measured).scheme
+        color = scheme_color(scheme) if scheme else None
+    if theory is not None:
+        y = getattr(theory.tokens, part)
+        x = np.arange(len(y), dtype=np.float64) + offset
+        (line,) = ax.plot(x, y, linestyle=linestyle, color=color, lw=1.5, label=label)
+        color = line.get_color()
+    if measured is not None:
+        y = getattr(measured.tokens, part)
+        x = np.arange(len(y), dtype=np.float64) + offset
+        idx = _subsample(len(y), max_points, False)
+        idx = idx[np.isfinite(y[idx])]
+        yerr = None
+        samples = [s.tokens for s in measured.samples if s.tokens is not None]
+        if samples:
+            stack = np.stack([getattr(t, part) for t in samples])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                lo, hi = np.nanmin(stack, axis=0), np.nanmax(stack, axis=0)
+            yerr = np.vstack((np.maximum(y - lo, 0.0), np.maximum(hi - y, 0.0)))[:, idx]
+        ax.errorbar(x[idx], y[idx], yerr=yerr, fmt=marker, ms=3.5, color=color,
+                    elinewidth=0.8, capsize=0, alpha=0.85,
+                    label=label if theory is None else None)
+    ax.set_ylim(-0.05, 1.05)
+    if not ax.get_xlabel():
+        ax.set_xlabel("residual merge")
+    if not ax.get_ylabel():
+        ax.set_ylabel("token correlation (mean cosine)")
+    return ax
 
 
 def plot_training(profiles, part="skip", quantity="second_moment", ax=None, cmap="viridis"):

@@ -291,3 +291,41 @@ def test_import_propagation_does_not_import_matplotlib():
     code = ("import sys, propagation, propagation.plot; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# --- F6: transformers ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def f6_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("f6")
+    proc = subprocess.run([sys.executable, str(ROOT / "figures" / "f6_transformers.py"), "--quick",
+                           "--out", str(out)], cwd=ROOT, env={**os.environ, "MPLBACKEND": "Agg"},
+                          text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_f6_writes_its_files_and_draws_predict(f6_out):
+    for ext in ("png", "pdf", "json"):
+        assert (f6_out / f"F6.{ext}").stat().st_size > 0
+    data = load(f6_out, "F6")
+    from propagation.sequence import SEQ_SCHEMES
+    drawn = {c["scheme"] for c in data["curves"] if not c.get("theory_only")}
+    assert drawn == set(SEQ_SCHEMES)  # every transformer scheme is in F6
+    for c in data["curves"]:
+        p = propagation.predict(**c["predict"])
+        if c["quantity"] == "token_correlation":
+            want = getattr(p.tokens, c["part"])
+        else:
+            want = expected_theory(c["predict"], c["part"], c["quantity"])
+        np.testing.assert_allclose(arr(c["theory"]), want, rtol=1e-12, err_msg=c["label"])
+    assert data["caption"].startswith("F6") and "Mode: quick" in data["caption"]
+
+
+def test_f6_measurement_follows_the_token_theory(f6_out):
+    # A check that the figure pairs the right curves: quick sizes are width 64, 2 seeds, where
+    # one network's token correlation spreads by up to sqrt(2/64) ~ 0.18 (comparison.
+    # token_sigma); the median of 2 seeds was within 0.09 of theory. 0.25 allows other seeds.
+    for c in load(f6_out, "F6")["curves"]:
+        if c["quantity"] == "token_correlation":
+            assert c["worst_abs_difference"] is not None and c["worst_abs_difference"] < 0.25, c
