@@ -6,6 +6,8 @@ Examples:
   propagation measure --model propagation.nets:resnet_v2 --arg stages=3,4,6,3 --input 64,3,32,32
   propagation check --model propagation.nets:residual_mlp --arg depth=20 --arg width=256 \\
       --input 256,256 --scheme batchnorm     # exit status 1 when theory and measurement part
+  propagation check --model propagation.nets:transformer --arg depth=12 --input 8,32,256 \\
+      --channel-axis -1                      # a reference transformer (pre-LN)
 """
 import argparse
 import importlib
@@ -156,6 +158,11 @@ def main(argv=None):
         if args.command == "schemes":
             for name, info in propagation.schemes().items():
                 out.write(f"{name:13} {info}\n")
+            from propagation.sequence import SEQ_SCHEMES
+            out.write("\ntransformer schemes (depth = layers, two merges each; --channel-axis -1):\n")
+            for name, spec in SEQ_SCHEMES.items():
+                ps = ", ".join(f"{k}={d!r}" for k, (d, _) in spec.params.items())
+                out.write(f"{name:18} {spec.description}" + (f" [{ps}]" if ps else "") + "\n")
             return 0
         params = {} if getattr(args, "alpha", None) is None else {"alpha": args.alpha}
         if args.command == "predict":

@@ -123,14 +123,17 @@ class Comparison:
         return out
 
     def table(self, *, every=False):
-        """A text table: per (part, quantity) the worst block, or every row with every=True."""
-        lines = [f"{'part':7} {'quantity':14} {'block':>5} {'predicted':>12} {'measured':>12} "
-                 f"{'ln ratio':>9} {'band':>7}  ok"]
+        """A text table: per (part, quantity) the worst block, or every row with every=True
+        (token correlations: "ln ratio" is the difference measured - predicted)."""
         rows = self.rows if every else [
             next(r for r in self.rows if (r.part, r.quantity, r.block) == (p, q, b))
             for (p, q), (_, _, b) in self.summary().items()]
+        pw = max([7] + [len(r.part) for r in rows])
+        qw = max([14] + [len(r.quantity) for r in rows])
+        lines = [f"{'part':{pw}} {'quantity':{qw}} {'block':>5} {'predicted':>12} {'measured':>12} "
+                 f"{'ln ratio':>9} {'band':>7}  ok"]
         for r in rows:
-            lines.append(f"{r.part:7} {r.quantity:14} {r.block:5d} {r.predicted:12.5g} "
+            lines.append(f"{r.part:{pw}} {r.quantity:{qw}} {r.block:5d} {r.predicted:12.5g} "
                          f"{r.measured:12.5g} {r.log_ratio:+9.4f} {r.band:7.4f}  "
                          f"{'yes' if r.ok else 'NO'}")
         verdict = "agree" if self.ok else f"DISAGREE in {len(self.failures)} of {len(self.rows)} checks"

@@ -279,3 +279,15 @@ def test_diagnose_reads_the_hugging_face_zoo(name, family):
     # Their N(0, 0.02^2) weights at width 64 make every branch small against the
     # reference's: an effective alpha well below 1.
     assert 0.0 < t.alpha < 0.2
+
+
+def test_command_line_lists_and_checks_transformers(capsys):
+    from propagation.__main__ import main
+    assert main(["schemes"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SEQ_SCHEMES)
+    rc = main(["check", "--model", "propagation.nets:transformer", "--arg", "depth=2",
+               "--arg", "width=64", "--input", "8,16,64", "--channel-axis", "-1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "tokens:skip" in out and "transformer: pre-LN" in out
