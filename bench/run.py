@@ -23,6 +23,8 @@ Tables printed:
   9. (--structural) predict(model, x), the structural theory, against one bare forward
  10. (--finite) predict(D, scheme, width, batch), the finite-width theory, against the
      infinite-width predict and against measuring one network of that width
+ 11. (--sequence) transformers: measure with the token correlation / the same measure
+     without it, / a bare forward; and the sequence theory against one measure
 
 Tables 1, 2 and 7 time `measure` after a first call on the same model, so they time the
 replay; table 7's "search" column forces the search every pass (search="always").
@@ -445,6 +447,50 @@ def finite_table(quick):
                   f"({t_meas * 1e3:7.1f} ms)", flush=True)
 
 
+def sequence_table(quick):
+    """Table 11: transformers. The token correlation's share of measure (the same replayed
+    forward-and-backward measurement with _token_cosine switched off as the baseline), measure
+    against a bare forward + backward, and predict(L, scheme, tokens=T) against one measure
+    of the reference transformer of L layers (width 256, batch 8, T tokens)."""
+    import torch
+    import propagation
+    from propagation import empirical, nets
+    sizes = ((4, 32), (12, 128)) if quick else ((12, 32), (12, 128), (64, 32))
+    width, batch = 256, 8
+    print(f"\n11. transformers (nets.transformer, width {width}, batch {batch}, pre-LN; "
+          f"forward + backward)")
+    real = empirical._token_cosine
+    for layers, T in sizes:
+        torch.manual_seed(0)
+        model = nets.transformer(layers, width=width)
+        x = torch.randn(batch, T, width, generator=torch.Generator().manual_seed(1))
+        propagation.measure(model, x, channel_axis=-1)  # the search, once
+
+        def with_tokens():
+            propagation.measure(model, x, channel_axis=-1)
+
+        def without_tokens():
+            empirical._token_cosine = lambda t, axis: float("nan")
+            try:
+                propagation.measure(model, x, channel_axis=-1)
+            finally:
+                empirical._token_cosine = real
+
+        def bare():
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            (out * torch.randn_like(out)).sum().backward()
+
+        def theory():
+            propagation.predict(layers, "transformer_preln", tokens=T)
+        t_off, r_tok = paired(without_tokens, with_tokens, 5)
+        t_bare, r_meas = paired(bare, with_tokens, 5)
+        t_meas, r_theory = paired(with_tokens, theory, 3)
+        print(f"  L={layers:<3} T={T:<4} tokens on / off {r_tok:5.3f}x   measure / bare "
+              f"{r_meas:5.2f}x ({t_bare * 1e3:7.1f} ms bare)   predict / measure {r_theory:6.3f}x "
+              f"({t_meas * r_theory * 1e3:7.1f} ms)", flush=True)
+
+
 def make_tables():
     """Table 6: `make test` and a cold `make figures` in a temporary clone of HEAD.
 
@@ -489,6 +535,8 @@ def main():
                         help="only table 9: predict(model, x) against a bare forward")
     parser.add_argument("--finite", action="store_true",
                         help="only table 10: the finite-width theory's cost")
+    parser.add_argument("--sequence", action="store_true",
+                        help="only table 11: transformers (token correlation, sequence theory)")
     parser.add_argument("--device", default="cpu", help="device for table 7 (cpu or cuda)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -511,6 +559,8 @@ def main():
         return structural_table(args.quick)
     if args.finite:
         return finite_table(args.quick)
+    if args.sequence:
+        return sequence_table(args.quick)
     start = time.perf_counter()
     print("ResNet-V2 basic blocks, batchnorm, train mode, 1 torch thread; sizes as printed "
           "(width, batch, image size; see the module docstring for why)")
