@@ -305,6 +305,7 @@ def f6_out(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the quick F6 script: ~20 s
 def test_f6_writes_its_files_and_draws_predict(f6_out):
     for ext in ("png", "pdf", "json"):
         assert (f6_out / f"F6.{ext}").stat().st_size > 0
@@ -322,6 +323,7 @@ def test_f6_writes_its_files_and_draws_predict(f6_out):
     assert data["caption"].startswith("F6") and "Mode: quick" in data["caption"]
 
 
+@pytest.mark.slow
 def test_f6_measurement_follows_the_token_theory(f6_out):
     # A check that the figure pairs the right curves: quick sizes are width 64, 2 seeds, where
     # one network's token correlation spreads by up to sqrt(2/64) ~ 0.18 (comparison.

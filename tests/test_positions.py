@@ -71,6 +71,7 @@ def test_taps_read_positions_as_pytorch_does(stride, padding, dilation, mode):
         np.testing.assert_array_equal(S @ img.reshape(-1).numpy(), out.reshape(-1).numpy())
 
 
+@pytest.mark.slow  # 16 seeds of a 1024-channel conv: ~6 s
 def test_a_wide_network_lands_on_the_kernel():
     # A real PyTorch net (strided conv, zero padding, ReLU, average pool) with 1024 channels,
     # averaged over 16 seeds: its second moment per position is the kernel's. One seed's q

@@ -96,6 +96,7 @@ def test_second_order_softmax_against_monte_carlo(causal):
         assert np.linalg.norm(mc - want) / np.linalg.norm(want) < 0.03, (i, mc, want)
 
 
+@pytest.mark.slow  # 300 seeds of autograd: ~7 s each
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_backward_against_a_finite_network(causal):
     # Attention.backward's O(g) terms (the value path's mean shift and second-order weights,
@@ -257,6 +258,7 @@ def test_measure_leaves_token_correlation_off_elsewhere():
     assert m.tokens is None
 
 
+@pytest.mark.slow  # 64 layers x 3 seeds: ~6 s each
 @pytest.mark.parametrize("scheme", ["transformer_preln", "transformer_postln"])
 def test_uniform_attention_token_correlation_within_005(scheme):
     # Issue 15's target: uniform attention (logit_std 0), T = 32, width 256, up to 64
