@@ -370,3 +370,20 @@ def test_command_line_lists_and_checks_transformers(capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "tokens:skip" in out and "transformer: pre-LN" in out
+
+
+@pytest.mark.gate
+@pytest.mark.parametrize("built, theory", [
+    ({"scheme": "deepnorm", "beta_factor": 1.1}, {"scheme": "deepnorm"}),
+    ({"scheme": "transformer_preln", "alpha": 1.1}, {"scheme": "transformer_preln"}),
+    ({"scheme": "transformer_preln", "logit_std": 0.6}, {"scheme": "transformer_preln"}),
+    ({"scheme": "transformer_preln", "causal": True}, {"scheme": "transformer_preln"}),
+], ids=["deepnorm-beta-1.1", "preln-alpha-1.1", "logit-std-0.6", "causal"])
+def test_the_gate_catches_a_mis_set_transformer(built, theory):
+    # The gate's comparison (10 layers, 8 x 32 x 256, 3 seeds) against the theory of the
+    # network as intended: a 10% error in DeepNorm's beta or in alpha, twice the logit
+    # spread, or a causal mask the theory does not know must each fail it.
+    check = propagation.check(lambda: nets.transformer(10, width=256, **built), (8, 32, 256),
+                              seeds=3, channel_axis=-1, diagnosis=False,
+                              theory={**theory, "depth": 10, "logit_std": 0.3})
+    assert not check.ok, check.table()
