@@ -161,7 +161,7 @@ def main(argv=None):
             from propagation.sequence import SEQ_SCHEMES
             out.write("\ntransformer schemes (depth = layers, two merges each; --channel-axis -1):\n")
             for name, spec in SEQ_SCHEMES.items():
-                ps = ", ".join(f"{k}={d!r}" for k, (d, _) in spec.params.items())
+                ps = ", ".join(f"{k}={p.default!r}" for k, p in spec.params.items())
                 out.write(f"{name:18} {spec.description}" + (f" [{ps}]" if ps else "") + "\n")
             return 0
         params = {} if getattr(args, "alpha", None) is None else {"alpha": args.alpha}

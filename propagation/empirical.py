@@ -530,7 +530,7 @@ class _Recorder:
             if v == version and ref() is t:
                 return out
         out = _channel_stats(t, self.channel_axis) + [_token_cosine(t, self.channel_axis)]
-        if out[3] == out[3]:  # a sequence: remember its length for compare's finite batch
+        if not math.isnan(out[3]):  # a sequence: its length, for compare's finite batch
             self.tokens_per_sequence = int(t.shape[1])
         self._recent.append((weakref.ref(t), version, out))
         if len(self._recent) > self.RECENT:

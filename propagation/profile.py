@@ -93,22 +93,18 @@ class Tokens:
     length: Optional[int] = None
 
     def to_dict(self) -> dict:
-        def array(a):
-            return None if a is None else _jsonable(a)
-        return {"skip": array(self.skip), "branch": array(self.branch),
-                "log2_skip_sequence_mean": array(self.log2_skip_sequence_mean),
-                "log2_branch_sequence_mean": array(self.log2_branch_sequence_mean),
+        return {"skip": _jsonable(self.skip), "branch": _jsonable(self.branch),
+                "log2_skip_sequence_mean": _jsonable_or_none(self.log2_skip_sequence_mean),
+                "log2_branch_sequence_mean": _jsonable_or_none(self.log2_branch_sequence_mean),
                 "length": self.length}
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> Optional["Tokens"]:
         if d is None:
             return None
-
-        def array(a):
-            return None if a is None else np.array([float(v) for v in a], dtype=np.float64)
-        return cls(array(d["skip"]), array(d["branch"]), array(d.get("log2_skip_sequence_mean")),
-                   array(d.get("log2_branch_sequence_mean")), d.get("length"))
+        return cls(_array_or_none(d["skip"]), _array_or_none(d["branch"]),
+                   _array_or_none(d.get("log2_skip_sequence_mean")),
+                   _array_or_none(d.get("log2_branch_sequence_mean")), d.get("length"))
 
 
 @dataclass(frozen=True)
@@ -258,8 +254,7 @@ class Profile:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (linear and log2 values; ``samples`` included)."""
-        def array(a):
-            return None if a is None else _jsonable(a)
+        array = _jsonable_or_none
         return {"source": self.source, "scheme": self.scheme, "params": self.params,
                 "depth": self.depth, "projection": self.projection.astype(bool).tolist(),
                 "skip": _stats_dict(self.skip), "branch": _stats_dict(self.branch),
@@ -287,8 +282,7 @@ class Profile:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Profile":
-        def array(a):
-            return None if a is None else np.array([float(v) for v in a], dtype=np.float64)
+        array = _array_or_none
         return cls(skip=_stats_from(d["skip"]), branch=_stats_from(d["branch"]),
                    grad=_stats_from(d["grad"]), depth=d["depth"],
                    projection=np.array(d["projection"], dtype=bool),
@@ -368,6 +362,15 @@ def quantile_stats(stats, q):
             v = np.nanquantile(finite, q, axis=0)
         out.append(np.where(v <= -1e299, -np.inf, np.where(v >= 1e299, np.inf, v)))
     return Stats(*out)
+
+
+def _jsonable_or_none(a):
+    return None if a is None else _jsonable(a)
+
+
+def _array_or_none(a):
+    """A JSON list (with "inf"/"nan" strings) as float64, or None."""
+    return None if a is None else np.array([float(v) for v in a], dtype=np.float64)
 
 
 def _jsonable(a):

@@ -95,14 +95,20 @@ class Scheme:
 
     def clean_params(self, params):
         """The defaults updated with ``params``, each checked; unknown names are a TypeError."""
-        clean = self.defaults()
-        for name, value in params.items():
-            if name not in self.params:
-                allowed = ", ".join(self.params) or "none"
-                raise TypeError(f"scheme {self.name!r} takes no parameter {name!r} (its "
-                                f"parameters: {allowed})" + _checks.close_names(name, self.params))
-            clean[name] = self.params[name].clean(name, value)
-        return clean
+        return clean_params(self.name, self.params, params)
+
+
+def clean_params(scheme, spec, params):
+    """``spec``'s defaults ({name: Param}) updated with ``params``, each checked by its
+    Param; a name ``spec`` does not have is a TypeError naming the scheme's parameters."""
+    clean = {k: p.default for k, p in spec.items()}
+    for name, value in params.items():
+        if name not in spec:
+            allowed = ", ".join(spec) or "none"
+            raise TypeError(f"scheme {scheme!r} takes no parameter {name!r} (its "
+                            f"parameters: {allowed})" + _checks.close_names(name, spec))
+        clean[name] = spec[name].clean(name, value)
+    return clean
 
 
 _REGISTRY: dict = {}

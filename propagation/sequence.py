@@ -76,6 +76,7 @@ import numpy as np
 
 from . import _checks
 from .profile import Normalised, Profile, Stats, Tokens
+from .schemes import Param, clean_params, nonneg_finite
 
 PI = math.pi
 #: Above this effective logit variance x = g q (q - k) the theory warns. Being first order in
@@ -266,25 +267,18 @@ class SeqScheme:
     description: str
     reference: str
     build: Callable
-    params: Mapping[str, Any] = field(default_factory=dict)  # name -> (default, doc)
+    params: Mapping[str, Param] = field(default_factory=dict)
     gate: Tuple[Mapping[str, object], ...] = ({},)
     family: str = ""
 
     def clean_params(self, params):
-        clean = {k: d for k, (d, _) in self.params.items()}
-        for name, value in params.items():
-            if name not in self.params:
-                allowed = ", ".join(self.params) or "none"
-                raise TypeError(f"scheme {self.name!r} takes no parameter {name!r} (its "
-                                f"parameters: {allowed})" + _checks.close_names(name, self.params))
-            default = self.params[name][0]
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise TypeError(f"{name} must be a bool, got {value!r}")
-                clean[name] = value
-            else:
-                clean[name] = _checks.finite_float(name, value, low=0.0)
-        return clean
+        return clean_params(self.name, self.params, params)
+
+
+def _bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 SEQ_SCHEMES: Dict[str, SeqScheme] = {}
@@ -356,19 +350,23 @@ def _completep(depth, logit_var, causal):
 _A = "branch multiplier alpha"
 for _s in (
     SeqScheme("transformer_preln", "pre-LN transformer: x + alpha f(LN(x)), attention then MLP",
-              "Xiong et al. 2020; GPT-2", _preln, {"alpha": (1.0, _A)}, family="preln"),
+              "Xiong et al. 2020; GPT-2", _preln, {"alpha": Param(1.0, _A, nonneg_finite)},
+              family="preln"),
     SeqScheme("transformer_postln", "post-LN transformer: x <- LN(x + f(x))",
               "Vaswani et al. 2017; BERT", _postln, family="postln"),
     SeqScheme("rezero", "ReZero: x + alpha f(x), no normalisation, alpha = 0 at init",
-              "Bachlechner et al. 2021", _rezero, {"alpha": (0.0, _A)},
+              "Bachlechner et al. 2021", _rezero, {"alpha": Param(0.0, _A, nonneg_finite)},
               gate=({"alpha": 0.0}, {"alpha": 0.1}), family="rezero"),
     SeqScheme("layerscale", "LayerScale: pre-LN with a small per-channel alpha (0.1 at init)",
-              "Touvron et al. 2021 (CaiT)", _preln, {"alpha": (0.1, _A)}, family="preln"),
+              "Touvron et al. 2021 (CaiT)", _preln, {"alpha": Param(0.1, _A, nonneg_finite)},
+              family="preln"),
     SeqScheme("deepnorm", "DeepNorm: x <- LN(alpha x + f(x)), branch weights scaled by beta",
               "Wang et al. 2022 (DeepNet)", _deepnorm,
-              {"decoder": (False, "encoder-decoder decoder constants (3M)^1/4, (12M)^-1/4"),
-               "beta_factor": (1.0, "a factor on beta (1 = the paper's; a mis-set beta is "
-                                    "another value)")}, family="deepnorm"),
+              {"decoder": Param(False, "encoder-decoder decoder constants (3M)^1/4, "
+                                       "(12M)^-1/4", _bool),
+               "beta_factor": Param(1.0, "a factor on beta (1 = the paper's; a mis-set beta "
+                                         "is another value)", nonneg_finite)},
+              family="deepnorm"),
     SeqScheme("depth_mup", "depth-muP: pre-LN, every branch times 1/sqrt(2 depth)",
               "Yang et al. 2023 (Tensor Programs VI); Bordelon et al. 2023", _depth_mup,
               family="preln"),
@@ -469,7 +467,7 @@ def predict_sequence(depth: int, scheme: str, *, tokens: int = 32, causal: bool 
         Ky, Cy = Ks + Kb, Cs + Cb
         post_tape: list = []
         K, C = _run(sub.post, Ky, Cy, post_tape)
-        tapes.append((pre_tape, br_tape, post_tape, a2, Ky))
+        tapes.append((pre_tape, br_tape, post_tape, a2))
     skip.append(_read(Ky, Cy))
     if max_logit > MAX_LOGIT_VARIANCE:
         warnings.warn(f"the attention's effective logit variance reaches {max_logit:.2f} (logit_std "
@@ -483,7 +481,7 @@ def predict_sequence(depth: int, scheme: str, *, tokens: int = 32, causal: bool 
     g_trace = [math.nan] * (D + 1)
     g_trace[D] = 1.0
     for l in reversed(range(D)):
-        pre_tape, br_tape, post_tape, a2, _ = tapes[l]
+        pre_tape, br_tape, post_tape, a2 = tapes[l]
         if l < D - 1:
             G = _back(post_tape, G)
         g_y = float(np.trace(G)) / T
@@ -510,8 +508,7 @@ def predict_sequence(depth: int, scheme: str, *, tokens: int = 32, causal: bool 
         skip=skip_st, branch=branch_st,
         grad=Stats(np.log2(np.array(g_trace)), nan.copy(), nan.copy()),
         depth=D, projection=np.zeros(D, dtype=bool), source="theory", scheme=scheme,
-        params={**clean, "tokens": T, "causal": bool(causal), "logit_std": s,
-                "transformer_layers": depth},
+        params={**clean, "tokens": T, "causal": bool(causal), "logit_std": s},
         branch_norm=tuple("layer" if has_pre else "" for _ in range(D)),
         post_norm=tuple("layer" if has_post and l > 0 else "" for l in range(D)),
         grad_branch_share=np.array(shares),
