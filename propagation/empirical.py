@@ -698,6 +698,10 @@ class _MergeFinder(TorchFunctionMode):
         # Per node, the bits of the normalisations it is part of (_NORM_KINDS), and the node
         # of the last merge's sum (where the next skip operand's post_norm path starts).
         self.norm = bytearray()
+        # Per node, 1 when it is a floating-point tensor: a residual stream is one, so two
+        # operands that meet only at integer token ids (RoBERTa's word and position
+        # embeddings, positions counted from the ids) are no merge.
+        self.floating = bytearray()
         self.last_sum = -1
         # The modules whose forward is running, outermost first: (name, node of the first
         # tensor input or -1, that tensor or None).
@@ -776,6 +780,7 @@ class _MergeFinder(TorchFunctionMode):
             self.offsets.append(len(self.edges))
             self.param_dep.append(isinstance(t, torch.nn.Parameter) or id(t) in self.parameters)
             self.norm.append(0)
+            self.floating.append(t.is_floating_point())
             self._assign(t, node)
         return node
 
@@ -839,6 +844,7 @@ class _MergeFinder(TorchFunctionMode):
             dep.append(any(dep[p] for p in parents))
             stack = self.stack
             self.norm.append(_NORM_FUNCS.get(func, 0) or (stack[-1][3] if stack else 0))
+            self.floating.append(outs[0].is_floating_point())
             aliased = (any(o is a for o in outs for a in args) and not _in_place(func, kwargs))
             for o in outs:
                 # An op that hands back its input unchanged (x.to(x.dtype), x.contiguous())
@@ -858,6 +864,8 @@ class _MergeFinder(TorchFunctionMode):
         if found is None:
             return None
         da, db, ancestor = found
+        if not self.floating[ancestor]:
+            return None
         # The skip path is the operand closer to the common ancestor (the ancestor itself for
         # an identity shortcut); on a tie the first operand is taken as the skip path.
         if db < da:

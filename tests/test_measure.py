@@ -523,3 +523,27 @@ def test_channel_statistics_keep_float32_precision(shape, axis, offset):
         [-1 if i == a else 1 for i in range(len(shape))])
     exact = _channel_stats_centred(t.double(), a)
     np.testing.assert_allclose(_channel_stats(t, axis), exact, rtol=1e-5)
+
+
+def test_operands_that_meet_only_at_token_ids_are_no_merge():
+    # RoBERTa's embeddings: word and position embeddings both read the ids (the positions
+    # are counted from them). A residual stream is a float tensor, so their sum is no merge;
+    # the block after it is the only one.
+    class Embedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(50, 16), nn.Embedding(40, 16)
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, ids):
+            h = self.tok(ids) + self.pos(torch.cumsum(ids.ne(0).int(), dim=1))
+            return h + self.lin(torch.relu(h))
+
+    torch.manual_seed(0)
+    model = Embedded()
+    ids = torch.randint(1, 50, (4, 12))
+    m = propagation.measure(model, ids, channel_axis=-1, backward=False)
+    assert m.depth == 1
+    with torch.no_grad():
+        h = model.tok(ids) + model.pos(torch.cumsum(ids.ne(0).int(), dim=1))
+    assert m.skip.second_moment[0] == pytest.approx(float((h ** 2).mean()), rel=1e-5)
