@@ -327,7 +327,10 @@ def compare(theory: Profile, measured: Profile, *, width: Optional[int] = None,
                 with np.errstate(divide="ignore"):
                     floor = np.logaddexp2(stats.log2_variance - np.log2(n_s),
                                           stats.log2_second_moment - math.log2(width))
-            add(part, q, _finite_batch(stats, q, n_s),
+            # A theory of the batch itself (the position theory) already holds its share.
+            pred = (getattr(stats, f"log2_{q}") if theory.meta.get("finite_batch")
+                    else _finite_batch(stats, q, n_s))
+            add(part, q, pred,
                 getattr(getattr(measured, part), f"log2_{q}"), sig, TOLERANCE[q], floor)
     if spread is not None and seeds >= SPREAD_MIN_SEEDS:
         rows += _spread_rows(theory, measured, quantities, seeds)

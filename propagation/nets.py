@@ -40,7 +40,7 @@ from .schemes import get_scheme, nf_expected_variance, with_networks
 
 __all__ = ["resnet_v2", "wide_resnet", "residual_mlp", "WSConv2d", "WSLinear",
            "ResidualBlock", "ResidualNetwork", "supported_schemes", "padding_factors",
-           "exact_variance_"]
+           "conv_geometry", "exact_variance_"]
 
 #: The fixed gain of a Scaled-WS layer after a ReLU: sqrt(2 / (1 - 1/pi)).
 WS_GAIN = math.sqrt(kernels.WS_RELU_GAIN2)
@@ -822,3 +822,51 @@ def padding_factors(model, input_shape):
             out[l, j] = _padding_factor(fh, fw, isinstance(conv, WSConv2d))
             h, w = h2, w2
     return out
+
+
+def _conv_spec(conv, **extra):
+    def pair(v):
+        return [int(v), int(v)] if isinstance(v, int) else [int(u) for u in v]
+    if conv.groups != 1 or isinstance(conv.padding, str):
+        raise ValueError(f"{conv}: grouped convolutions and string padding have no position map")
+    return {"kernel": pair(conv.kernel_size), "stride": pair(conv.stride),
+            "padding": pair(conv.padding), "dilation": pair(conv.dilation),
+            "mode": conv.padding_mode, **extra}
+
+
+def conv_geometry(model, input_shape):
+    """The geometry of a convolutional network of this module for inputs of ``input_shape``
+    (N, C, H, W), as ``predict(..., positions=...)`` reads it (JSON-ready): the input shape,
+    the stem's convolutions (with their squared gain) and every block's branch and
+    projection convolutions, in order.
+
+    Raises ValueError for networks the position theory does not cover: dense networks,
+    stems with more than convolutions (the ImageNet stem's max pool), grouped convolutions,
+    convolutions whose padding mode is neither zeros nor circular."""
+    if not isinstance(model, ResidualNetwork):
+        raise TypeError(f"model must be a network from propagation.nets, got {type(model).__name__}")
+    if len(input_shape) != 4:
+        raise ValueError(f"input_shape must be (N, C, H, W) for a convolutional network, got "
+                         f"{tuple(input_shape)}")
+    stem = []
+    for module in model.stem:
+        if isinstance(module, WSConv2d) or not isinstance(module, nn.Conv2d):
+            raise ValueError(f"the stem's {module} has no position map (only He-initialised "
+                             f"convolutions)")
+        gain2 = getattr(module.weight, "_nominal_gain2", None)
+        if gain2 is None:
+            raise ValueError(f"the stem's {module} has no nominal gain")
+        stem.append(_conv_spec(module, gain2=float(gain2)))
+    blocks = []
+    for blk in model.blocks:
+        convs = [m for m in blk.branch.modules() if isinstance(m, nn.Conv2d)]
+        proj = ([] if blk.projection is None else
+                [m for m in blk.projection.modules() if isinstance(m, nn.Conv2d)])
+        if not convs:
+            raise ValueError("a block without convolutions: not a convolutional network")
+        blocks.append({"branch": [_conv_spec(c) for c in convs],
+                       "projection": [_conv_spec(c) for c in proj]})
+    for spec in stem + [s for b in blocks for s in b["branch"] + b["projection"]]:
+        if spec["mode"] not in ("zeros", "circular"):
+            raise ValueError(f"padding mode {spec['mode']!r} has no position map")
+    return {"input_shape": [int(s) for s in input_shape], "stem": stem, "blocks": blocks}

@@ -148,8 +148,8 @@ def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inp
             have one), else "model". ``depth`` defaults to the merges measured; ``stages`` and
             ``project_first`` to the projection shortcuts measured (a stage starts at each);
             the input state to the measured state of the first block's input
-            (:func:`input_state`); networks of ``propagation.nets`` get the zero padding of
-            their convolutions.
+            (:func:`input_state`); convolutional networks of ``propagation.nets`` get the
+            position theory of their convolutions (``predict(..., positions=...)``).
         width: channels for the finite-width band (default: the narrowest merge measured).
         quantities: the quantities compared (default all four); forward-only measurements
             (``backward=False``) leave out "grad".
@@ -254,11 +254,25 @@ def theory_kwargs(model: torch.nn.Module, measured: Profile,
         base.update(measured_stages(measured, base.get("project_first")))
     from . import nets
     if (isinstance(model, nets.ResidualNetwork) and input_shape is not None
-            and "padding_factors" not in base):
-        base["padding_factors"] = nets.padding_factors(model, input_shape)
+            and "padding_factors" not in base and "positions" not in base):
+        geometry = _conv_geometry(model, input_shape)
+        if geometry is not None:
+            base["positions"] = geometry  # every map position by position (exact padding)
+        else:
+            base["padding_factors"] = nets.padding_factors(model, input_shape)
     if "input_second_moment" not in base:
         base.update(input_state(measured))
     return base
+
+
+def _conv_geometry(model, input_shape):
+    """The network's geometry for the position theory, or None where it has no position
+    map (dense networks, the ImageNet stem's max pool, grouped convolutions)."""
+    from . import nets
+    try:
+        return nets.conv_geometry(model, input_shape)
+    except ValueError:
+        return None
 
 
 def measured_stages(measured: Profile, project_first: Optional[bool] = None) -> dict:

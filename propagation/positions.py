@@ -25,6 +25,7 @@ neural-tangents' kernels (tests/data/nngp_padding.json) at SAME, CIRCULAR and po
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Sequence, Tuple
 
@@ -69,6 +70,24 @@ def conv_taps(shape: Tuple[int, int], kernel=3, stride=1, padding=1, dilation=1,
 
 def _relu_kernel(rho):
     return (np.sqrt(np.maximum(1.0 - rho * rho, 0.0)) + (math.pi - np.arccos(rho)) * rho) / (2 * math.pi)
+
+
+def _relu_map(K, dd, inv):
+    """dd J(K / dd), J the arc-cosine kernel, in place on one temporary (the kernels are
+    large: every pass over them counts)."""
+    rho = np.multiply(K, inv)
+    np.clip(rho, -1.0, 1.0, out=rho)
+    out = np.arccos(rho)
+    np.subtract(math.pi, out, out=out)
+    out *= rho
+    np.multiply(rho, rho, out=rho)
+    np.subtract(1.0, rho, out=rho)
+    np.maximum(rho, 0.0, out=rho)
+    np.sqrt(rho, out=rho)
+    out += rho
+    out *= dd
+    out *= 1.0 / (2.0 * math.pi)
+    return out
 
 
 class PositionKernel:
@@ -116,6 +135,22 @@ class PositionKernel:
         return PositionKernel(np.einsum("ab,nbmc,dc->namd", A, self.K, A, optimize=True),
                               out_shape)
 
+    def condition(self, second_moment, squared_mean=None):
+        """This kernel's shape with the given second moment and squared mean (as a batch of
+        ``batch`` measures it): a W + c, a X + c. Every map of the theory is positively
+        homogeneous, so the scale a conditions on a measured stem draw; c is a component
+        common to every example and position, for inputs with a channel mean. Where the
+        squared mean asked for is below what this kernel's own batch share gives, c = 0
+        and only the second moment is matched."""
+        q0, m0 = self.q, self.m
+        q1 = float(second_moment)
+        m1 = m0 * q1 / q0 if squared_mean is None else float(squared_mean)
+        a, c = q1 / q0, 0.0
+        if m1 > a * m0 and q0 > m0:
+            a = (q1 - m1) / (q0 - m0)
+            c = m1 - a * m0
+        return self._new(a * self.W + c, a * self.X + c, math.sqrt(a) * self.mu)
+
     def scale(self, a2):
         return PositionKernel(float(a2) * self.K, self.shape)
 
@@ -157,3 +192,356 @@ def residual_relu_net(x, blocks=6, mode="zeros", pool_after: Sequence[int] = (),
             k = k.avg_pool(2)
         out.append(k)
     return out
+
+
+# --- the population form: what predict uses for convolutional networks ----------------------
+
+def tap_index(shape: Tuple[int, int], kernel=3, stride=1, padding=1, dilation=1,
+              mode="zeros") -> Tuple[Tuple[int, int], List[np.ndarray]]:
+    """:func:`conv_taps` as index arrays: per tap, the flat input position each output
+    position reads, H W (one past the last position) where zero padding reads nothing."""
+    _checks.choice("mode", mode, MODES)
+    return _tap_index((int(shape[0]), int(shape[1])), _pair(kernel), _pair(stride),
+                      _pair(padding), _pair(dilation), mode)
+
+
+@functools.lru_cache(maxsize=256)
+def _tap_index(shape, kernel, stride, padding, dilation, mode):
+    axes = []
+    for size, k, s, p, d in zip(shape, kernel, stride, padding, dilation):
+        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        if out < 1:
+            raise ValueError(f"the convolution leaves no output: size {size}, kernel {k}, "
+                             f"stride {s}, padding {p}, dilation {d}")
+        i = np.arange(out)[None, :] * s - p + d * np.arange(k)[:, None]  # (k, out)
+        axes.append((out, i % size if mode == "circular" else i))
+    (oh, ih), (ow, iw) = axes
+    h, w = shape
+    index = []
+    for a in range(kernel[0]):
+        for b in range(kernel[1]):
+            r, c = ih[a][:, None], iw[b][None, :]
+            inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+            index.append(np.where(inside, r * w + c, h * w).ravel())
+    return (oh, ow), index
+
+
+class Population:
+    """The kernels of a batch of exchangeable examples, position by position.
+
+    For random inputs drawn i.i.d. the (example, position) kernel of :class:`PositionKernel`
+    has, in expectation over the inputs, two (P, P) blocks: ``W`` between positions of one
+    example and ``X`` between positions of two different examples, P = H W. ``mu`` (P,) is
+    the channel-mean function, the infinite-width mean over channels at each position (zero
+    after a weight layer with zero-mean weights, sqrt(W_pp / 2 pi) after a ReLU): Scaled WS
+    and the normalisations that centre need it. A batch of ``batch`` examples has the full
+    kernel I_N x (W - X) + J_N x X (:meth:`full`); BatchNorm centres over it.
+
+    One approximation sits here, the same as the scheme theory's: a ReLU's cross-example
+    entries are mapped with the population's per-position variances, not each example's own.
+    Every other map is exact in expectation (tests/test_positions.py checks each against the
+    full kernel and the full kernel against neural-tangents).
+    """
+
+    def __init__(self, W, X, mu, shape, batch):
+        self.W = np.asarray(W, dtype=np.float64)
+        self.X = np.asarray(X, dtype=np.float64)
+        self.mu = np.asarray(mu, dtype=np.float64)
+        self.shape: Tuple[int, int] = (int(shape[0]), int(shape[1]))
+        self.batch = int(batch)
+        p = self.shape[0] * self.shape[1]
+        if self.W.shape != (p, p) or self.X.shape != (p, p) or self.mu.shape != (p,):
+            raise ValueError(f"W and X must have shape ({p}, {p}) and mu ({p},) for maps of "
+                             f"shape {shape}, got {self.W.shape}, {self.X.shape}, {self.mu.shape}")
+
+    @classmethod
+    def iid(cls, shape: Tuple[int, int], batch: int, second_moment=1.0, squared_mean=0.0):
+        """Inputs whose entries are i.i.d. across examples, positions and channels given a
+        common channel mean: second moment q and squared channel mean m at every position."""
+        p = int(shape[0]) * int(shape[1])
+        q, m = float(second_moment), float(squared_mean)
+        return cls((q - m) * np.eye(p) + m, np.full((p, p), m), np.zeros(p), shape, batch)
+
+    def _new(self, W, X, mu, shape=None):
+        return Population(W, X, mu, self.shape if shape is None else shape, self.batch)
+
+    def conv(self, gain2=1.0, kernel=3, stride=1, padding=1, dilation=1, mode="zeros",
+             standardised=False):
+        """A convolution, weights of variance gain2 / fan_in; ``standardised``: Scaled WS,
+        each output channel's weights of zero mean over its fan-in (the channel-mean
+        function is removed only where every tap is in bounds). The output's ``mu`` is 0."""
+        out_shape, index = tap_index(self.shape, kernel, stride, padding, dilation, mode)
+        args = (self.shape, out_shape, kernel, stride, padding, dilation, mode)
+        W, X = _tap_sum(self.W, *args), _tap_sum(self.X, *args)
+        c = float(gain2) / len(index)
+        W *= c
+        X *= c
+        if standardised:
+            mu = np.append(self.mu, 0.0)
+            leak = sum(mu[i] for i in index)
+            cross = (c / len(index)) * np.outer(leak, leak)
+            W -= cross
+            X -= cross
+        return Population(W, X, np.zeros(W.shape[0]), out_shape, self.batch)
+
+    def conv_backward(self, h, gain2=1.0, kernel=3, stride=1, padding=1, dilation=1,
+                      mode="zeros"):
+        """The squared gradient norm per input position (summed over channels) of a
+        convolution reading this state, given ``h`` per output position: each tap sends its
+        output's gradient through independent weights, gain2 / taps each."""
+        _, index = tap_index(self.shape, kernel, stride, padding, dilation, mode)
+        p = self.W.shape[0]
+        out = np.zeros(p + 1)
+        for i in index:
+            np.add.at(out, i, h)
+        return float(gain2) / len(index) * out[:p]
+
+    def relu(self):
+        """A ReLU of zero-mean Gaussian pre-activations: the arc-cosine kernel entry by entry."""
+        if np.any(self.mu != 0.0):
+            raise NotImplementedError("a ReLU of an input with a channel mean (a ReLU after a "
+                                      "ReLU or a centred ReLU output) is not in this theory")
+        d = np.sqrt(np.maximum(np.diag(self.W), 0.0))
+        dd = np.outer(d, d)
+        inv = np.divide(1.0, dd, out=np.zeros_like(dd), where=dd > 0.0)
+        return self._new(_relu_map(self.W, dd, inv), _relu_map(self.X, dd, inv),
+                         d / math.sqrt(2.0 * math.pi))
+
+    def batchnorm(self):
+        """BatchNorm in train mode over the batch and positions: each channel centred over
+        the ``batch`` examples and their positions, then divided by its variance there.
+        Returns (state, the variance divided by)."""
+        n = self.batch
+        r = (self.W.sum(axis=1) + (n - 1) * self.X.sum(axis=1)) / (n * self.W.shape[0])
+        g = float(r.mean())
+        W = self.W - r[:, None] - r[None, :] + g
+        X = self.X - r[:, None] - r[None, :] + g
+        v = float(np.mean(np.diag(W)))
+        return self._new(W / v, X / v, (self.mu - self.mu.mean()) / math.sqrt(v)), v
+
+    def groupnorm(self):
+        """GroupNorm(1, C): each example centred over its channels and positions (the
+        channel-mean function's mean over positions) and divided by its variance there.
+        Returns (state, the variance divided by)."""
+        a = float(self.mu.mean())
+        v = float(np.mean(np.diag(self.W))) - a * a
+        shift = a * (self.mu[:, None] + self.mu[None, :]) - a * a
+        return self._new((self.W - shift) / v, (self.X - shift) / v, (self.mu - a) / math.sqrt(v)), v
+
+    def condition(self, second_moment, squared_mean=None):
+        """This kernel's shape with the given second moment and squared mean (as a batch of
+        ``batch`` measures it): a W + c, a X + c. Every map of the theory is positively
+        homogeneous, so the scale a conditions on a measured stem draw; c is a component
+        common to every example and position, for inputs with a channel mean. Where the
+        squared mean asked for is below what this kernel's own batch share gives, c = 0
+        and only the second moment is matched."""
+        q0, m0 = self.q, self.m
+        q1 = float(second_moment)
+        m1 = m0 * q1 / q0 if squared_mean is None else float(squared_mean)
+        a, c = q1 / q0, 0.0
+        if m1 > a * m0 and q0 > m0:
+            a = (q1 - m1) / (q0 - m0)
+            c = m1 - a * m0
+        return self._new(a * self.W + c, a * self.X + c, math.sqrt(a) * self.mu)
+
+    def scale(self, a2):
+        return self._new(float(a2) * self.W, float(a2) * self.X, math.sqrt(float(a2)) * self.mu)
+
+    def zero(self, shape=None):
+        p = self.W.shape[0] if shape is None else int(shape[0]) * int(shape[1])
+        return self._new(np.zeros((p, p)), np.zeros((p, p)), np.zeros(p), shape)
+
+    def __add__(self, other: "Population") -> "Population":
+        """The sum of two tensors whose weights are independent (a residual merge)."""
+        if self.shape != other.shape:
+            raise ValueError(f"cannot add maps of shape {self.shape} and {other.shape}")
+        return self._new(self.W + other.W, self.X + other.X, self.mu + other.mu)
+
+    @property
+    def q(self) -> float:
+        """Second moment: the mean of W's diagonal."""
+        return float(np.mean(np.diag(self.W)))
+
+    @property
+    def m(self) -> float:
+        """The squared channel mean a batch of ``batch`` examples measures: the mean of the
+        full kernel, W / N + X (1 - 1 / N)."""
+        n = self.batch
+        return float(self.W.mean()) / n + (1.0 - 1.0 / n) * float(self.X.mean())
+
+    def full(self) -> PositionKernel:
+        """The full (example, position) kernel of the batch, for tests."""
+        n = self.batch
+        K = np.kron(np.eye(n), self.W - self.X) + np.kron(np.ones((n, n)), self.X)
+        p = self.W.shape[0]
+        return PositionKernel(K.reshape(n, p, n, p), self.shape)
+
+
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
+
+
+def _tap_sum(K, shape, out_shape, kernel, stride, padding, dilation, mode):
+    """sum_t S_t K S_t^T over a convolution's taps (zero or circular padding), as strided
+    slices of the padded (H, W, H, W) kernel: the same sum as :func:`conv_taps`'s matrices
+    (tests/test_positions.py), without forming them."""
+    (h, w), (oh, ow) = shape, out_shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (kernel, stride, padding, dilation))
+    pads = ((ph, ph), (pw, pw), (ph, ph), (pw, pw))
+    K4 = K.reshape(h, w, h, w)
+    Kp = np.pad(K4, pads, mode="wrap") if mode == "circular" else np.pad(K4, pads)
+    # The taps are a product of row and column offsets: sum the rows first, then the
+    # columns (kh + kw strided sums instead of kh kw).
+    rows_sum = np.zeros((oh, Kp.shape[1], oh, Kp.shape[3]))
+    for a in range(kh):
+        rows = slice(a * dh, a * dh + sh * (oh - 1) + 1, sh)
+        rows_sum += Kp[rows, :, rows, :]
+    out = np.zeros((oh, ow, oh, ow))
+    for b in range(kw):
+        cols = slice(b * dw, b * dw + sw * (ow - 1) + 1, sw)
+        out += rows_sum[:, cols, :, cols]
+    return out.reshape(oh * ow, oh * ow)
+
+
+# --- a scheme's blocks, position by position ---------------------------------------------------
+
+def _conv_args(spec):
+    args = {k: tuple(int(v) for v in spec[k]) for k in ("kernel", "stride", "padding", "dilation")}
+    args["mode"] = spec.get("mode", "zeros")
+    return args
+
+
+def _ops(layers, convs, l, where):
+    """The position maps of a block's ``layers`` (propagation.layers) at block ``l``: a list of
+    (name, forward(state) -> (state, aux), backward(h, state_in, aux) -> h). Weight layers
+    take the next convolution of ``convs``, in order."""
+    from . import layers as L
+    convs = list(convs)
+    ops = []
+
+    def take(layer):
+        if not convs:
+            raise ValueError(f"the geometry has fewer convolutions in the {where} of block {l} "
+                             f"than the scheme has weight layers there")
+        return _conv_args(convs.pop(0))
+
+    for layer in layers:
+        if isinstance(layer, (L.ReLUWeight, L.ReLUScaledWS, L.ReLU)):
+            ops.append(("relu", lambda s: (s.relu(), None), lambda h, s, aux: 0.5 * h))
+        if isinstance(layer, (L.ReLUWeight, L.ReLUScaledWS, L.Linear)):
+            args, g2 = take(layer), layer.gain2
+            ws = isinstance(layer, L.ReLUScaledWS)
+            ops.append(("conv",
+                        lambda s, a=args, g=g2, w=ws: (s.conv(g, standardised=w, **a), None),
+                        lambda h, s, aux, a=args, g=g2: s.conv_backward(h, g, **a)))
+        elif isinstance(layer, L.Zero):
+            args = take(layer)
+            ops.append(("zero", lambda s, a=args: (s.zero(tap_index(s.shape, **a)[0]), None),
+                        lambda h, s, aux: 0.0 * s.mu))
+        elif isinstance(layer, L.Gain):
+            a2 = layer.a * layer.a
+            ops.append(("scale", lambda s, a=a2: (s.scale(a), None), lambda h, s, aux, a=a2: a * h))
+        elif isinstance(layer, L.BlockGain):
+            a2 = float(np.exp2(layer._la2[l]))
+            ops.append(("scale", lambda s, a=a2: (s.scale(a), None), lambda h, s, aux, a=a2: a * h))
+        elif isinstance(layer, L.BatchNorm):
+            ops.append(("batchnorm", lambda s: s.batchnorm(), lambda h, s, v: h / v))
+        elif isinstance(layer, L.LayerNorm):
+            # The convolutional networks' LayerNorm is GroupNorm(1, C) (propagation.nets).
+            ops.append(("groupnorm", lambda s: s.groupnorm(), lambda h, s, v: h / v))
+        elif not isinstance(layer, (L.ReLUWeight, L.ReLUScaledWS, L.ReLU, L.Linear)):
+            raise NotImplementedError(f"{type(layer).__name__} has no position map")
+    if convs:
+        raise ValueError(f"the geometry has {len(convs)} more convolutions in the {where} of "
+                         f"block {l} than the scheme has weight layers there")
+    return ops
+
+
+def _forward(ops, state):
+    tape = []
+    for _, fwd, bwd in ops:
+        out, aux = fwd(state)
+        tape.append((bwd, state, aux))
+        state = out
+    return state, tape
+
+
+def _backward(tape, h):
+    for bwd, state, aux in reversed(tape):
+        h = bwd(h, state, aux)
+    return h
+
+
+def predict_positions(block, plan, geometry, input_second_moment=1.0, input_squared_mean=0.0,
+                      progress=False):
+    """A scheme's profile on a convolutional network, every map position by position.
+
+    ``block`` and ``plan`` are the scheme's (``propagation.schemes``); ``geometry`` is the
+    network's (:func:`propagation.nets.conv_geometry`): its input shape, stem convolutions
+    and each block's branch and projection convolutions. The network's input is i.i.d.
+    across examples, positions and channels; the stem's output, block 0's input, is then
+    conditioned on the given second moment and squared mean (:meth:`Population.condition`),
+    as the scheme theory starts from a measured block input.
+
+    Returns a dict of arrays: "skip" (D + 1, 3) and "branch" (D, 3) hold (second moment,
+    squared mean, variance) as a batch of the input's examples measures them, "input" (3,)
+    the same of block 0's input; "grad" (D + 1,) the squared gradient norm relative to the
+    last merge's sum; "share" (D,) the part of each block input's gradient that came
+    through the branch.
+    """
+    n, _, h, w = (int(v) for v in geometry["input_shape"])
+    state = Population.iid((h, w), n)
+    for spec in geometry.get("stem", ()):
+        state = state.conv(spec.get("gain2", 1.0), standardised=spec.get("standardised", False),
+                           **_conv_args(spec))
+    state = state.condition(input_second_moment, input_squared_mean)
+    blocks = geometry["blocks"]
+    if len(blocks) != plan.depth:
+        raise ValueError(f"the geometry has {len(blocks)} blocks, the plan {plan.depth}")
+
+    def stats(s):
+        q, m = s.q, s.m
+        return q, m, q - m
+
+    skip, branch, tapes = [], [], []
+    first = stats(state)
+    from tqdm import tqdm
+    for l in tqdm(range(plan.depth), desc="positions", disable=not progress, leave=False):
+        geo = blocks[l]
+        x = state
+        p, pre_tape = _forward(_ops(block.pre, (), l, "pre"), x)
+        b, branch_tape = _forward(_ops(block.branch, geo["branch"], l, "branch"), p)
+        if plan.projection[l]:
+            s, proj_tape = _forward(_ops(block.projection, geo["projection"], l, "projection"), p)
+        else:
+            if geo.get("projection"):
+                raise ValueError(f"block {l} has a projection in the geometry but not in the plan")
+            s, proj_tape = x.scale(block.skip_gain ** 2), None
+        y = s + b
+        skip.append(stats(s))
+        branch.append(stats(b))
+        state, post_tape = _forward(_ops(block.post, (), l, "post"), y)
+        tapes.append((pre_tape, branch_tape, proj_tape, post_tape))
+    skip.append(stats(y))
+
+    # Backwards from a read-out of i.i.d. N(0, 1) weights at the last merge's sum.
+    hy = np.ones(y.W.shape[0])
+    total = hy.sum()
+    grad = np.zeros(plan.depth + 1)
+    grad[plan.depth] = 1.0
+    share = np.zeros(plan.depth)
+    hx = hy
+    for l in reversed(range(plan.depth)):
+        pre_tape, branch_tape, proj_tape, post_tape = tapes[l]
+        if l < plan.depth - 1:  # the last merge's post is not part of the network
+            hy = _backward(post_tape, hx)
+        from_branch = _backward(pre_tape, _backward(branch_tape, hy))
+        if proj_tape is not None:
+            hx = from_branch + _backward(pre_tape, _backward(proj_tape, hy))
+        else:
+            hx = from_branch + block.skip_gain ** 2 * hy
+        share[l] = min(from_branch.sum() / hx.sum(), 1.0) if hx.sum() > 0 else 0.0
+        identity = proj_tape is None and block.skip_gain == 1.0
+        grad[l] = (hx if identity else hy).sum() / total
+    return {"skip": np.array(skip), "branch": np.array(branch), "grad": grad, "share": share,
+            "input": first}

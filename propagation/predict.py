@@ -1,7 +1,7 @@
 """``predict``: the infinite-width theory of a residual network at initialisation."""
 import math
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -41,7 +41,7 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
             project_first: bool = True, layers: int = 2, input_second_moment: float = 1.0,
             input_squared_mean: float = 0.0, padding_factors: Optional[ArrayLike] = None,
             branch_gain: float = 1.0, width: Optional[int] = None, batch: Optional[int] = None,
-            **params: Any) -> Profile:
+            positions: Optional[Mapping[str, Any]] = None, **params: Any) -> Profile:
     """Predict per-block signal propagation at initialisation: the infinite-width values and,
     with ``width``, the distribution of a single network's statistics at that width.
 
@@ -79,6 +79,13 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
         batch: inputs per batch that each statistic averages over (samples per channel);
             it sets the finite-sample floor of the squared mean and how much the batch
             averages the spread. Default: the infinite-batch limit. Only with ``width``.
+        positions: a convolutional network's geometry (:func:`propagation.nets.conv_geometry`:
+            input shape, stem and every block's convolutions). Given, every map is followed
+            position by position (:func:`propagation.positions.predict_positions`): zero
+            padding, strides and Scaled WS's border leak exactly, the input moments are those
+            of the network's input (i.i.d. entries) rather than block 0's, and the squared
+            means are those a batch of the input's examples measures. Not with
+            ``padding_factors`` or ``width``.
         **params: the scheme's own parameters (e.g. ``alpha`` for skipinit and nf).
 
     Transformer schemes (``propagation.sequence``: transformer_preln, transformer_postln,
@@ -117,6 +124,12 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
     setup = _setup(depth, scheme, stages, project_first, layers, input_second_moment,
                    input_squared_mean, padding_factors, branch_gain, params)
     plan, block, q0, m0 = setup.plan, setup.block, setup.q0, setup.m0
+    if positions is not None:
+        if padding_factors is not None or width is not None or batch is not None:
+            raise TypeError("positions takes the padding, the batch and the input from the "
+                            "geometry: not with padding_factors, width or batch (the "
+                            "finite-width spread covers networks without positions)")
+        return _profile_positions(setup, positions)
 
     if _resets(block, plan):
         prof = _profile_reset(block, plan, q0, m0)
@@ -142,14 +155,40 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
                    params=setup.profile_params,
                    **_norms(block, plan.depth),
                    grad_branch_share=np.asarray(share),
-                   normalised=Normalised(
-                       branch=any(layer.normalises or layer.resets
-                                  for layer in block.pre + block.branch),
-                       pre=any(layer.normalises or layer.resets for layer in block.pre),
-                       post=any(layer.normalises or layer.resets for layer in block.post)),
+                   normalised=_normalised(block),
                    input_second_moment=q0, input_squared_mean=m0, spread=spread,
                    meta={"input_second_moment": q0, "input_squared_mean": m0,
                          **({"width": width, "batch": batch} if width is not None else {})})
+
+
+def _profile_positions(setup, geometry):
+    from .positions import predict_positions
+    plan, block = setup.plan, setup.block
+    out = predict_positions(block, plan, geometry, setup.q0, setup.m0)
+    skip, branch, grad, share = out["skip"], out["branch"], out["grad"], out["share"]
+
+    def stats(a):
+        with np.errstate(divide="ignore"):
+            return Stats(*np.log2(np.maximum(a, 0.0)).T)
+    with np.errstate(divide="ignore"):
+        g = Stats(np.log2(grad), np.full_like(grad, np.nan), np.full_like(grad, np.nan))
+    batch = int(geometry["input_shape"][0])
+    return Profile(skip=stats(skip), branch=stats(branch), grad=g, depth=plan.depth,
+                   projection=plan.projection, source="theory", scheme=setup.name,
+                   params=setup.profile_params, **_norms(block, plan.depth),
+                   grad_branch_share=share, normalised=_normalised(block),
+                   input_second_moment=float(out["input"][0]),
+                   input_squared_mean=float(out["input"][1]),
+                   meta={"positions": True, "finite_batch": batch,
+                         "input_second_moment": setup.q0, "input_squared_mean": setup.m0})
+
+
+def _normalised(block):
+    """Where a block's maps normalise (Profile.normalised)."""
+    def any_norm(layers):
+        return any(layer.normalises or layer.resets for layer in layers)
+    return Normalised(branch=any_norm(block.pre + block.branch), pre=any_norm(block.pre),
+                      post=any_norm(block.post))
 
 
 def _is_module(obj):
