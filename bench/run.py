@@ -491,6 +491,40 @@ def sequence_table(quick):
               f"({t_meas * r_theory * 1e3:7.1f} ms)", flush=True)
 
 
+def positions_table(quick):
+    """Table 12: the position theory's cost. predict(..., positions=) of a gate conv net
+    (ResNet-V2 basic blocks, width 32, batch 8, half the blocks at 32x32 and half at 16x16)
+    against the mean padding factor's predict and against one measure() of the network
+    (forward and backward), of which the gate takes three."""
+    import torch
+    import propagation
+    from propagation import nets
+    shape = (8, 3, 32, 32)
+    print("\n12. predict(..., positions=) / predict(..., padding_factors=) and / one measure, "
+          "conv ResNet-V2 width 32, batch 8x3x32x32")
+    for scheme in ("batchnorm", "nf"):
+        for d in ((4,) if quick else (10, 100)):
+            model = nets.resnet_v2(stages=(d - d // 2, d // 2), width=32, scheme=scheme,
+                                   block="basic", num_classes=None)
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+            geo = nets.conv_geometry(model, shape)
+            factors = nets.padding_factors(model, shape)
+            propagation.measure(model, x, progress=False)  # the search, once
+
+            def positions(model=model, geo=geo):
+                propagation.predict(**model.theory, positions=geo)
+
+            def mean_factor(model=model, factors=factors):
+                propagation.predict(**model.theory, padding_factors=factors)
+
+            def measured(model=model, x=x):
+                propagation.measure(model, x, progress=False)
+            t_mf, r_mf = paired(mean_factor, positions, 1 if d >= 100 else 3)
+            t_meas, r_meas = paired(measured, positions, 1 if d >= 100 else 3)
+            print(f"  {scheme:>10} D={d:<4} positions {t_mf * r_mf:6.2f} s = {r_mf:6.0f}x the "
+                  f"mean factor, {r_meas:5.2f}x one measure ({t_meas:5.2f} s)", flush=True)
+
+
 def make_tables():
     """Table 6: `make test` and a cold `make figures` in a temporary clone of HEAD.
 
@@ -537,6 +571,8 @@ def main():
                         help="only table 10: the finite-width theory's cost")
     parser.add_argument("--sequence", action="store_true",
                         help="only table 11: transformers (token correlation, sequence theory)")
+    parser.add_argument("--positions", action="store_true",
+                        help="only table 12: the position theory of conv nets")
     parser.add_argument("--device", default="cpu", help="device for table 7 (cpu or cuda)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -561,6 +597,8 @@ def main():
         return finite_table(args.quick)
     if args.sequence:
         return sequence_table(args.quick)
+    if args.positions:
+        return positions_table(args.quick)
     start = time.perf_counter()
     print("ResNet-V2 basic blocks, batchnorm, train mode, 1 torch thread; sizes as printed "
           "(width, batch, image size; see the module docstring for why)")
