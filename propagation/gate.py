@@ -45,10 +45,6 @@ WS_FINITE = ("Scaled WS at finite width: each standardised row is exactly on a s
              "takes at its infinite-width value; over 1000 blocks at width 128 the branch "
              "second moment sits up to 11% above the predicted median (nf_he, the same scaling "
              "with Gaussian weights, agrees)")
-GROUPNORM = ("GroupNorm(1, C) at width 32 removes each example's realised mean over its "
-             "channels and positions, of order sqrt(m / C) for a stream whose channels carry a "
-             "squared mean m; the infinite-width position theory takes it as exactly zero, and "
-             "over 50 blocks on 32x32 maps the skip path's squared mean sits up to 42% below it")
 STRUCTURAL_WS = ("the structural theory (predict(model, x)) reads zero padding per class of "
                  "border positions, each conv on its own: it gives a Scaled-WS conv's border "
                  "leak of the ReLU's channel mean, but not the channel mean that leak leaves on "
@@ -63,7 +59,6 @@ STRUCTURAL_KNOWN: Dict[Tuple[str, str, int], Tuple[Tuple[str, ...], str]] = {
 KNOWN: Dict[Tuple[str, str, int], Tuple[Tuple[str, ...], str]] = {
     ("mlp", "none", 1000): (("squared_mean",), DEEP_NARROW),
     ("mlp", "nf", 1000): (("second_moment",), WS_FINITE),
-    ("conv", "layernorm", 100): (("squared_mean",), GROUPNORM),
 }
 
 
