@@ -56,8 +56,8 @@ def gaussian_input(seed, shape, dtype=None):
 def measure_and_predict(build, shape, seeds, mode):
     """Measure ``seeds`` seeded initialisations of ``build()`` on their own N(0, 1) batches
     (forward only) and predict the same finite network with ``propagation.check``:
-    ``model.theory`` with the zero padding of its convolutions, started from the measured
-    state of the first block's input.
+    ``model.theory`` with its convolutions followed position by position (exact zero
+    padding), started from the measured state of the first block's input.
 
     Returns (measured, theory, predict kwargs as JSON, input state).
     """

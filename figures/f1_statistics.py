@@ -76,8 +76,8 @@ def main(argv=None):
                f"{s['batch']} i.i.d. N(0, 1) images of 3x{s['image']}x{s['image']}; "
                f"{s['seeds']} seeds (weights and batch); measure in {s['mode']} mode "
                f"(batch statistics), {s['dtype']}, forward only. Points: median over seeds, "
-               f"bars: min-max; lines: propagation.predict(**model.theory) with the zero padding "
-               f"of its convolutions (nets.padding_factors), started from the "
+               f"bars: min-max; lines: propagation.predict(**model.theory) with its convolutions "
+               f"followed position by position (positions=nets.conv_geometry), started from the "
                f"measured x_0 (stem output) state "
                + ", ".join(f"{k}: q0={v['input_second_moment']:.3f}, "
                            f"m0={v['input_squared_mean']:.4f}" for k, v in inputs_state.items())

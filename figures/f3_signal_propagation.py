@@ -77,7 +77,7 @@ def main(argv=None):
                f"and batch); measure in {s['mode']} mode, {s['dtype']}, forward only. Skip = "
                f"the skip operand of each merge (the projection at stage starts), then the "
                f"network output. Points: median over seeds, bars: min-max; lines: "
-               f"propagation.predict(**model.theory) with nets.padding_factors, started from the "
+               f"propagation.predict(**model.theory) position by position (nets.conv_geometry), from the "
                f"measured x_0 state "
                + ", ".join(f"{k}: q0={v['input_second_moment']:.3f}, "
                            f"m0={v['input_squared_mean']:.4f}" for k, v in inputs_state.items())
