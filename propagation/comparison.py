@@ -167,15 +167,23 @@ def finite_width_sigma(theory, width, layers=2, quantity="second_moment"):
         # direction's fluctuations as they collapse onto it: rho^2 as well.
         rho_b = np.nan_to_num(np.exp2(theory.branch.log2_squared_mean
                                       - theory.branch.log2_second_moment), nan=0.0)
-    share = {"second_moment": rho_b ** 2, "squared_mean": np.ones_like(f),
-             "variance": rho_b ** 2}[quantity]
+    # A theory that knows its samples' correlations (the position theory: positions of one
+    # example are correlated, so a conv's batch is fewer independent samples than N P)
+    # gives the mean squared correlation between them, which is rho^2 for a batch of
+    # independent inputs of common correlation rho.
+    rho2_b = theory.meta.get("sample_rho2_branch")
+    rho2_b = rho_b ** 2 if rho2_b is None else np.asarray(rho2_b, dtype=np.float64)
+    share = {"second_moment": rho2_b, "squared_mean": np.ones_like(f),
+             "variance": rho2_b}[quantity]
     var_branch = _PER_LAYER * layers / width * share
     var_inc = var_branch * f ** 2
     with np.errstate(invalid="ignore"):
         rho_s = np.nan_to_num(np.exp2(theory.skip.log2_squared_mean[:-1]
                                       - theory.skip.log2_second_moment[:-1]), nan=0.0)
     # A projection shortcut is one more random weight layer, on the skip path.
-    proj_share = {"squared_mean": np.ones_like(rho_s)}.get(quantity, rho_s ** 2)
+    rho2_s = theory.meta.get("sample_rho2_skip")
+    rho2_s = rho_s ** 2 if rho2_s is None else np.asarray(rho2_s, dtype=np.float64)[:-1]
+    proj_share = {"squared_mean": np.ones_like(rho_s)}.get(quantity, rho2_s)
     proj_own = np.where(theory.projection, _PER_LAYER / width * proj_share, 0.0)
     # How much of the spread at a block's input reaches its operands: all of it unless a
     # normalisation sits in between (predict records where; other profiles are assumed
@@ -458,7 +466,8 @@ def _spread_rows(theory, measured, quantities, seeds):
     return out
 
 
-def input_state(measured: Profile, tokens: bool = False) -> Dict[str, float]:
+def input_state(measured: Profile, tokens: bool = False,
+                finite_batch: bool = False) -> Dict[str, float]:
     """``predict`` keyword arguments for the measured state of x_0, the first block's input.
 
     x_0 is the input of the module that owns the first merge (``measured.block_input[0]``):
@@ -471,6 +480,9 @@ def input_state(measured: Profile, tokens: bool = False) -> Dict[str, float]:
     The squared channel mean of n samples per channel overestimates the population one by
     variance / n, and the sample variance is (1 - 1/n) of it; that term is removed here
     (compare adds it back to every prediction).
+
+    With ``finite_batch=True`` (the position theory, ``predict(..., positions=...)``, whose
+    squared means are the batch's own) the squared mean is returned as measured.
 
     With ``tokens=True`` (the transformer schemes' theory) and a sequence measurement, the
     state is that of exchangeable tokens: ``input_token_correlation`` too, and the squared
@@ -498,6 +510,8 @@ def input_state(measured: Profile, tokens: bool = False) -> Dict[str, float]:
         m = (m0 - seq_mean / B) / (1.0 - 1.0 / B) if B > 1 else 0.0
         return {"input_second_moment": q0, "input_squared_mean": min(max(m, 0.0), q0),
                 "input_token_correlation": r}
+    if finite_batch:
+        return {"input_second_moment": q0, "input_squared_mean": min(max(m0, 0.0), q0)}
     return {"input_second_moment": q0,
             "input_squared_mean": min(max(m0 - v0 / (n0 - 1.0), 0.0), q0)}
 

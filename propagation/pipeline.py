@@ -261,7 +261,7 @@ def theory_kwargs(model: torch.nn.Module, measured: Profile,
         else:
             base["padding_factors"] = nets.padding_factors(model, input_shape)
     if "input_second_moment" not in base:
-        base.update(input_state(measured))
+        base.update(input_state(measured, finite_batch="positions" in base))
     return base
 
 

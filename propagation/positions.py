@@ -166,6 +166,18 @@ class PositionKernel:
         return float(np.trace(self.K.reshape(n * p, n * p))) / (n * p)
 
     @property
+    def mean_rho2(self) -> float:
+        """The mean squared correlation between two of the batch's samples (example,
+        position), pairs of one sample with itself included: how much of a layer's random
+        rescaling every sample shares. 1/(N P) + ... for independent samples, 1 for
+        collapsed ones; what the finite-width band weighs a layer's spread of q with."""
+        n, q = self.batch, self.q
+        if q <= 0.0:
+            return 0.0
+        return (float(np.mean(self.W ** 2)) / n
+                + (1.0 - 1.0 / n) * float(np.mean(self.X ** 2))) / (q * q)
+
+    @property
     def m(self) -> float:
         """Squared channel mean over the batch and positions: the mean of every entry."""
         return float(self.K.mean())
@@ -363,6 +375,18 @@ class Population:
         return float(np.mean(np.diag(self.W)))
 
     @property
+    def mean_rho2(self) -> float:
+        """The mean squared correlation between two of the batch's samples (example,
+        position), pairs of one sample with itself included: how much of a layer's random
+        rescaling every sample shares. 1/(N P) + ... for independent samples, 1 for
+        collapsed ones; what the finite-width band weighs a layer's spread of q with."""
+        n, q = self.batch, self.q
+        if q <= 0.0:
+            return 0.0
+        return (float(np.mean(self.W ** 2)) / n
+                + (1.0 - 1.0 / n) * float(np.mean(self.X ** 2))) / (q * q)
+
+    @property
     def m(self) -> float:
         """The squared channel mean a batch of ``batch`` examples measures: the mean of the
         full kernel, W / N + X (1 - 1 / N)."""
@@ -483,8 +507,9 @@ def predict_positions(block, plan, geometry, input_second_moment=1.0, input_squa
     conditioned on the given second moment and squared mean (:meth:`Population.condition`),
     as the scheme theory starts from a measured block input.
 
-    Returns a dict of arrays: "skip" (D + 1, 3) and "branch" (D, 3) hold (second moment,
-    squared mean, variance) as a batch of the input's examples measures them, "input" (3,)
+    Returns a dict of arrays: "skip" (D + 1, 4) and "branch" (D, 4) hold (second moment,
+    squared mean, variance) as a batch of the input's examples measures them, and the mean
+    squared correlation between the batch's samples (:attr:`Population.mean_rho2`), "input" (4,)
     the same of block 0's input; "grad" (D + 1,) the squared gradient norm relative to the
     last merge's sum; "share" (D,) the part of each block input's gradient that came
     through the branch.
@@ -501,7 +526,7 @@ def predict_positions(block, plan, geometry, input_second_moment=1.0, input_squa
 
     def stats(s):
         q, m = s.q, s.m
-        return q, m, q - m
+        return q, m, q - m, s.mean_rho2
 
     skip, branch, tapes = [], [], []
     first = stats(state)

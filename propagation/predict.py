@@ -169,7 +169,7 @@ def _profile_positions(setup, geometry):
 
     def stats(a):
         with np.errstate(divide="ignore"):
-            return Stats(*np.log2(np.maximum(a, 0.0)).T)
+            return Stats(*np.log2(np.maximum(a[:, :3], 0.0)).T)
     with np.errstate(divide="ignore"):
         g = Stats(np.log2(grad), np.full_like(grad, np.nan), np.full_like(grad, np.nan))
     batch = int(geometry["input_shape"][0])
@@ -180,6 +180,8 @@ def _profile_positions(setup, geometry):
                    input_second_moment=float(out["input"][0]),
                    input_squared_mean=float(out["input"][1]),
                    meta={"positions": True, "finite_batch": batch,
+                         "sample_rho2_skip": skip[:, 3].tolist(),
+                         "sample_rho2_branch": branch[:, 3].tolist(),
                          "input_second_moment": setup.q0, "input_squared_mean": setup.m0})
 
 
