@@ -24,7 +24,12 @@ units) plus 2/n (the Gaussian weights): 7/n. The same count holds backwards (a B
 mask times a chi-square, then the transposed weights). That variance is shared by every
 input only along their common direction: ``share`` is 1 for the squared mean, and rho^2 for
 the second moment and the variance (the differences between inputs average over many
-directions while the inputs are spread out, and follow the common one as they collapse). Normalised networks
+directions while the inputs are spread out, and follow the common one as they collapse).
+In general the share is the mean over pairs of the statistic's samples of their squared
+correlation: the relative variance of (1/n) sum_c (1/S) sum_s (w_c . x_s)^2 over Gaussian
+w_c is (2/n) sum_{s,s'} K_ss'^2 / (S q)^2. For independent inputs of common correlation rho
+that is rho^2 (and 1/S); the position theory gives it for conv batches, whose positions are
+correlated (``Profile.meta["sample_rho2_*"]``). Normalised networks
 (f_k ~ 1/k) keep the sum bounded; unnormalised ones (f_k = 1/2) add 7 L D / (4 n): the band
 widens with depth over width. (Checked: `none`, width 128, 1000 blocks predicts
 Var[ln q] = 27, and the measured median sits 13.3 = 27/2 below the theory's mean.) The

@@ -858,7 +858,10 @@ def conv_geometry(model, input_shape):
             raise ValueError(f"the stem's {module} has no nominal gain")
         stem.append(_conv_spec(module, gain2=float(gain2)))
     blocks = []
-    for blk in model.blocks:
+    for l, blk in enumerate(model.blocks):
+        if not isinstance(blk, ResidualBlock):
+            raise ValueError(f"block {l} is a {type(blk).__name__}, not a ResidualBlock: its "
+                             f"convolutions have no known order")
         convs = [m for m in blk.branch.modules() if isinstance(m, nn.Conv2d)]
         proj = ([] if blk.projection is None else
                 [m for m in blk.projection.modules() if isinstance(m, nn.Conv2d)])

@@ -19,6 +19,7 @@ import torch
 from . import _checks
 from .comparison import TOLERANCE, Comparison, Diagnosis, compare, diagnose, input_state
 from .empirical import measure
+from .positions import GeometryError
 from .predict import predict
 from .profile import Profile
 
@@ -197,7 +198,14 @@ def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inp
     else:
         kwargs = theory_kwargs(models[0], measured, theory, overrides, shape)
         kwargs.update(_finite_width(kwargs, measured, width))
-        predicted = predict(**kwargs)
+        try:
+            predicted = predict(**kwargs)
+        except GeometryError:
+            # A theory whose blocks do not fit the network's convolutions (another scheme's
+            # layer count, a modified block): the mean padding factor, which needs no fit.
+            kwargs = theory_kwargs(models[0], measured, theory, overrides, shape, positions=False)
+            kwargs.update(_finite_width(kwargs, measured, width))
+            predicted = predict(**kwargs)
     comparison = compare(predicted, measured, width=width, quantities=quantities)
     found, note = None, ""
     if not diagnosis:
@@ -229,8 +237,9 @@ def _finite_width(kwargs: Mapping[str, Any], measured: Profile, width: Optional[
 def theory_kwargs(model: torch.nn.Module, measured: Profile,
                   theory: Optional[Mapping[str, Any]] = None,
                   overrides: Optional[Mapping[str, Any]] = None,
-                  input_shape: Optional[Sequence[int]] = None) -> dict:
-    """The ``predict`` keyword arguments for ``model`` as measured (see :func:`check`)."""
+                  input_shape: Optional[Sequence[int]] = None, positions: bool = True) -> dict:
+    """The ``predict`` keyword arguments for ``model`` as measured (see :func:`check`);
+    ``positions=False``: the mean padding factor for conv nets, not the position theory."""
     base = dict(theory if theory is not None else getattr(model, "theory", None) or {})
     overrides = dict(overrides or {})
     if "scheme" in overrides and overrides["scheme"] != base.get("scheme"):
@@ -255,7 +264,7 @@ def theory_kwargs(model: torch.nn.Module, measured: Profile,
     from . import nets
     if (isinstance(model, nets.ResidualNetwork) and input_shape is not None
             and "padding_factors" not in base and "positions" not in base):
-        geometry = _conv_geometry(model, input_shape)
+        geometry = _conv_geometry(model, input_shape) if positions else None
         if geometry is not None:
             base["positions"] = geometry  # every map position by position (exact padding)
         else:

@@ -135,22 +135,6 @@ class PositionKernel:
         return PositionKernel(np.einsum("ab,nbmc,dc->namd", A, self.K, A, optimize=True),
                               out_shape)
 
-    def condition(self, second_moment, squared_mean=None):
-        """This kernel's shape with the given second moment and squared mean (as a batch of
-        ``batch`` measures it): a W + c, a X + c. Every map of the theory is positively
-        homogeneous, so the scale a conditions on a measured stem draw; c is a component
-        common to every example and position, for inputs with a channel mean. Where the
-        squared mean asked for is below what this kernel's own batch share gives, c = 0
-        and only the second moment is matched."""
-        q0, m0 = self.q, self.m
-        q1 = float(second_moment)
-        m1 = m0 * q1 / q0 if squared_mean is None else float(squared_mean)
-        a, c = q1 / q0, 0.0
-        if m1 > a * m0 and q0 > m0:
-            a = (q1 - m1) / (q0 - m0)
-            c = m1 - a * m0
-        return self._new(a * self.W + c, a * self.X + c, math.sqrt(a) * self.mu)
-
     def scale(self, a2):
         return PositionKernel(float(a2) * self.K, self.shape)
 
@@ -164,18 +148,6 @@ class PositionKernel:
         """Second moment: the mean over examples and positions of K[n, p, n, p]."""
         n, p = self.K.shape[:2]
         return float(np.trace(self.K.reshape(n * p, n * p))) / (n * p)
-
-    @property
-    def mean_rho2(self) -> float:
-        """The mean squared correlation between two of the batch's samples (example,
-        position), pairs of one sample with itself included: how much of a layer's random
-        rescaling every sample shares. 1/(N P) + ... for independent samples, 1 for
-        collapsed ones; what the finite-width band weighs a layer's spread of q with."""
-        n, q = self.batch, self.q
-        if q <= 0.0:
-            return 0.0
-        return (float(np.mean(self.W ** 2)) / n
-                + (1.0 - 1.0 / n) * float(np.mean(self.X ** 2))) / (q * q)
 
     @property
     def m(self) -> float:
@@ -429,6 +401,11 @@ def _tap_sum(K, shape, out_shape, kernel, stride, padding, dilation, mode):
 
 # --- a scheme's blocks, position by position ---------------------------------------------------
 
+class GeometryError(ValueError):
+    """A network's geometry does not fit a scheme's blocks (convolutions per branch, blocks,
+    projections): ``check`` then falls back to the mean padding factor."""
+
+
 def _conv_args(spec):
     args = {k: tuple(int(v) for v in spec[k]) for k in ("kernel", "stride", "padding", "dilation")}
     args["mode"] = spec.get("mode", "zeros")
@@ -445,7 +422,7 @@ def _ops(layers, convs, l, where):
 
     def take(layer):
         if not convs:
-            raise ValueError(f"the geometry has fewer convolutions in the {where} of block {l} "
+            raise GeometryError(f"the geometry has fewer convolutions in the {where} of block {l} "
                              f"than the scheme has weight layers there")
         return _conv_args(convs.pop(0))
 
@@ -476,7 +453,7 @@ def _ops(layers, convs, l, where):
         elif not isinstance(layer, (L.ReLUWeight, L.ReLUScaledWS, L.ReLU, L.Linear)):
             raise NotImplementedError(f"{type(layer).__name__} has no position map")
     if convs:
-        raise ValueError(f"the geometry has {len(convs)} more convolutions in the {where} of "
+        raise GeometryError(f"the geometry has {len(convs)} more convolutions in the {where} of "
                          f"block {l} than the scheme has weight layers there")
     return ops
 
@@ -522,7 +499,7 @@ def predict_positions(block, plan, geometry, input_second_moment=1.0, input_squa
     state = state.condition(input_second_moment, input_squared_mean)
     blocks = geometry["blocks"]
     if len(blocks) != plan.depth:
-        raise ValueError(f"the geometry has {len(blocks)} blocks, the plan {plan.depth}")
+        raise GeometryError(f"the geometry has {len(blocks)} blocks, the plan {plan.depth}")
 
     def stats(s):
         q, m = s.q, s.m
@@ -540,7 +517,7 @@ def predict_positions(block, plan, geometry, input_second_moment=1.0, input_squa
             s, proj_tape = _forward(_ops(block.projection, geo["projection"], l, "projection"), p)
         else:
             if geo.get("projection"):
-                raise ValueError(f"block {l} has a projection in the geometry but not in the plan")
+                raise GeometryError(f"block {l} has a projection in the geometry but not in the plan")
             s, proj_tape = x.scale(block.skip_gain ** 2), None
         y = s + b
         skip.append(stats(s))

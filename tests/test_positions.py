@@ -268,3 +268,17 @@ def test_positions_take_no_mean_factor_or_width():
         propagation.predict(2, "none", project_first=False, positions=geo, width=64)
     with pytest.raises(ValueError, match="geometry has 2 blocks"):
         propagation.predict(3, "none", project_first=False, positions=geo)
+
+
+def test_a_theory_that_does_not_fit_the_convolutions_falls_back():
+    # Two stages (a strided projection at block 2) checked against a one-stage theory: the
+    # position theory cannot place the projection, and check uses the mean factor, which
+    # only pairs the branches' convs.
+    build = lambda: nets.resnet_v2(stages=(2, 2), width=8, scheme="none", block="basic",  # noqa: E731
+                                   num_classes=None)
+    check = propagation.check(build, (2, 3, 8, 8), seeds=1, progress=False, diagnosis=False,
+                              theory={"scheme": "none", "stages": [4], "project_first": False})
+    assert "padding_factors" in check.predict_kwargs and "positions" not in check.predict_kwargs
+    with pytest.raises(propagation.positions.GeometryError, match="projection"):
+        propagation.predict(4, "none", stages=[4], project_first=False,
+                            positions=nets.conv_geometry(build(), (2, 3, 8, 8)))
