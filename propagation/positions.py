@@ -68,8 +68,11 @@ def conv_taps(shape: Tuple[int, int], kernel=3, stride=1, padding=1, dilation=1,
     return (oh, ow), [np.kron(r, c) for r in rows for c in cols]
 
 
-def _relu_kernel(rho):
-    return (np.sqrt(np.maximum(1.0 - rho * rho, 0.0)) + (math.pi - np.arccos(rho)) * rho) / (2 * math.pi)
+def _outer_sd(K):
+    """(sd_a sd_b, its inverse or 0 where a variance is 0), from K's diagonal."""
+    d = np.sqrt(np.maximum(np.diag(K), 0.0))
+    dd = np.outer(d, d)
+    return dd, np.divide(1.0, dd, out=np.zeros_like(dd), where=dd > 0.0)
 
 
 def _relu_map(K, dd, inv):
@@ -122,10 +125,8 @@ class PositionKernel:
     def relu(self):
         n, p = self.K.shape[:2]
         flat = self.K.reshape(n * p, n * p)
-        d = np.sqrt(np.diag(flat))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rho = np.clip(np.nan_to_num(flat / np.outer(d, d)), -1.0, 1.0)
-        return PositionKernel((np.outer(d, d) * _relu_kernel(rho)).reshape(self.K.shape), self.shape)
+        dd, inv = _outer_sd(flat)
+        return PositionKernel(_relu_map(flat, dd, inv).reshape(self.K.shape), self.shape)
 
     def avg_pool(self, kernel=2, stride=None):
         """Average pooling (no padding): the mean of each window, K' = A K A^T."""
@@ -285,9 +286,8 @@ class Population:
         if np.any(self.mu != 0.0):
             raise NotImplementedError("a ReLU of an input with a channel mean (a ReLU after a "
                                       "ReLU or a centred ReLU output) is not in this theory")
+        dd, inv = _outer_sd(self.W)
         d = np.sqrt(np.maximum(np.diag(self.W), 0.0))
-        dd = np.outer(d, d)
-        inv = np.divide(1.0, dd, out=np.zeros_like(dd), where=dd > 0.0)
         return self._new(_relu_map(self.W, dd, inv), _relu_map(self.X, dd, inv),
                          d / math.sqrt(2.0 * math.pi))
 

@@ -82,10 +82,12 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
         positions: a convolutional network's geometry (:func:`propagation.nets.conv_geometry`:
             input shape, stem and every block's convolutions). Given, every map is followed
             position by position (:func:`propagation.positions.predict_positions`): zero
-            padding, strides and Scaled WS's border leak exactly, the input moments are those
-            of the network's input (i.i.d. entries) rather than block 0's, and the squared
-            means are those a batch of the input's examples measures. Not with
-            ``padding_factors`` or ``width``.
+            padding, strides and Scaled WS's border leak exactly. The network's input is
+            taken i.i.d. and pushed through the stem; its output is conditioned on the input
+            moments (block 0's, as without positions, but the squared mean as the batch
+            measures it: ``input_state(m, finite_batch=True)``). The squared means are those
+            a batch of the input's examples measures. Not with ``padding_factors``, ``width``
+            or ``batch``.
         **params: the scheme's own parameters (e.g. ``alpha`` for skipinit and nf).
 
     Transformer schemes (``propagation.sequence``: transformer_preln, transformer_postln,
