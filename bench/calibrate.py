@@ -202,90 +202,116 @@ def calibration(seeds, widths, depths, workers):
         results = ex.map(_measure, tasks)
         if tqdm is not None:
             results = tqdm(results, total=len(tasks), desc="calibrate", file=sys.stderr)
-        for (scheme, params, width, depth, _), data in results:
-            th = _theory(scheme, params, width, depth)
-            lo, hi, med = th.quantile(0.05), th.quantile(0.95), th.quantile(0.5)
-            for part, q in QUANT:
-                meas = np.asarray(data[f"{part}/{q}"])
-
-                def get(prof, part=part, q=q):
-                    return getattr(getattr(prof, part), f"log2_{q}")
-                valid = getattr(th.spread, f"valid_{part}")
-                a, b, c = get(lo), get(hi), get(med)
-                sig = getattr(th.spread.part(part)[1], f"log2_{q}") * math.log(2)
-                ok = np.isfinite(a) & np.isfinite(b) & valid & np.isfinite(meas).all(axis=0)
-                if scheme in ("fixup",) or (scheme == "skipinit" and params.get("alpha") == 0.0):
-                    ok &= sig > 0  # a branch that is exactly zero: nothing random to cover
-                # float32 sums over a few hundred channels: ~1e-6 relative; 1e-5 in log2.
-                inside = (meas >= a - 1e-5) & (meas <= b + 1e-5)
-                n_ok = int(ok.sum())
-                cover = float(inside[:, ok].mean()) if n_ok else math.nan
-                # Median: measured over seeds vs predicted, in nats, and the standard error.
-                with np.errstate(invalid="ignore"):  # -inf - -inf: an exactly zero quantity
-                    dm = (np.median(meas, axis=0) - c) * math.log(2)
-                se = 1.2533 * sig / math.sqrt(meas.shape[0])
-                worst = float(np.max(np.abs(dm[ok]))) if n_ok else math.nan
-                # Resolvable: 2 standard errors below the 5% target.
-                res = ok & (2 * se < math.log(1.05))
-                worst_res = float(np.max(np.abs(dm[res]))) if res.any() else math.nan
-                excess = float(np.max(np.abs(dm[ok]) / np.maximum(se[ok], 1e-12))) if n_ok else math.nan
-                rows.append({"scheme": scheme + "".join(f"-{k}{v}" for k, v in params.items()),
-                             "width": width, "depth": depth, "part": part, "quantity": q,
-                             "coverage": cover, "positions": n_ok,
-                             "invalid": int((~valid).sum()) if part != "grad" else int((~valid).sum()),
-                             "median_worst": worst, "median_worst_resolved": worst_res,
-                             "median_worst_in_se": excess})
+        for task, data in results:
+            rows += score(task, data)
     return rows, time.time() - t0
 
 
-def sharpness(gains, seeds=3):
-    """Smallest branch / skip gain error the gate's check catches, per normalised scheme."""
-    import torch
+def score(task, data):
+    """Calibration rows of one MLP task's measurements (``_measure``) against the theory."""
+    scheme, params, width, depth, _ = task
+    rows = []
+    th = _theory(scheme, params, width, depth)
+    lo, hi, med = th.quantile(0.05), th.quantile(0.95), th.quantile(0.5)
+    for part, q in QUANT:
+        meas = np.asarray(data[f"{part}/{q}"])
+
+        def get(prof, part=part, q=q):
+            return getattr(getattr(prof, part), f"log2_{q}")
+        valid = getattr(th.spread, f"valid_{part}")
+        a, b, c = get(lo), get(hi), get(med)
+        sig = getattr(th.spread.part(part)[1], f"log2_{q}") * math.log(2)
+        ok = np.isfinite(a) & np.isfinite(b) & valid & np.isfinite(meas).all(axis=0)
+        if scheme in ("fixup",) or (scheme == "skipinit" and params.get("alpha") == 0.0):
+            ok &= sig > 0  # a branch that is exactly zero: nothing random to cover
+        # float32 sums over a few hundred channels: ~1e-6 relative; 1e-5 in log2.
+        inside = (meas >= a - 1e-5) & (meas <= b + 1e-5)
+        n_ok = int(ok.sum())
+        cover = float(inside[:, ok].mean()) if n_ok else math.nan
+        # Median: measured over seeds vs predicted, in nats, and the standard error.
+        with np.errstate(invalid="ignore"):  # -inf - -inf: an exactly zero quantity
+            dm = (np.median(meas, axis=0) - c) * math.log(2)
+        se = 1.2533 * sig / math.sqrt(meas.shape[0])
+        worst = float(np.max(np.abs(dm[ok]))) if n_ok else math.nan
+        # Resolvable: 2 standard errors below the 5% target.
+        res = ok & (2 * se < math.log(1.05))
+        worst_res = float(np.max(np.abs(dm[res]))) if res.any() else math.nan
+        excess = float(np.max(np.abs(dm[ok]) / np.maximum(se[ok], 1e-12))) if n_ok else math.nan
+        rows.append({"scheme": scheme + "".join(f"-{k}{v}" for k, v in params.items()),
+                     "width": width, "depth": depth, "part": part, "quantity": q,
+                     "coverage": cover, "positions": n_ok, "invalid": int((~valid).sum()),
+                     "median_worst": worst, "median_worst_resolved": worst_res,
+                     "median_worst_in_se": excess})
+    return rows
+
+
+def _scale(g):
+    """A module multiplying by the constant g."""
     from torch import nn
-    import propagation as P
-    from propagation import nets
 
     class Scale(nn.Module):
-        def __init__(self, g):
-            super().__init__()
-            self.g = g
-
         def forward(self, x):
-            return x * self.g
+            return x * g
+    return Scale()
 
-    def builder(scheme, where, g):
-        def build():
-            model = nets.residual_mlp(100, width=256, scheme=scheme)
-            with torch.no_grad():
-                for block in model.blocks:
-                    last = [m for m in block.branch if isinstance(m, nn.Linear)][-1]
-                    if where == "branch":
-                        last.weight.mul_(g)
-                    else:  # y = g x + f = g (x + f / g): a post gain and the branch over g
-                        last.weight.div_(g)
-                        block.post.append(Scale(g))
-            return model
-        return build
 
+def _sharp_net(scheme, where, g):
+    """The gate's 100-block width-256 MLP with every branch (or skip) carrying gain g."""
+    import torch
+    from torch import nn
+    from propagation import nets
+    model = nets.residual_mlp(100, width=256, scheme=scheme)
+    with torch.no_grad():
+        for block in model.blocks:
+            last = [m for m in block.branch if isinstance(m, nn.Linear)][-1]
+            if where == "branch":
+                last.weight.mul_(g)
+            else:  # y = g x + f = g (x + f / g): a post gain and the branch over g
+                last.weight.div_(g)
+                block.post.append(_scale(g))
+    return model
+
+
+def _sharp_task(task):
+    """One sharpness row: (scheme, where, gains, seeds) -> the first gain the check fails,
+    or for where="healthy" the healthy network's result and widest bands."""
+    import functools
+    import torch
+    import propagation as P
+    torch.set_num_threads(1)
+    scheme, where, gains, seeds = task
+
+    def check(w, g):
+        return P.check(functools.partial(_sharp_net, scheme, w, g), (256, 256), seeds=seeds,
+                       theory={"scheme": scheme}, progress=False, diagnosis=False)
+    if where == "healthy":
+        base = check("branch", 1.0)
+        bands = {}
+        for r in base.comparison.rows:
+            if r.resolved:
+                k = f"{r.part}/{SHORT.get(r.quantity, r.quantity)}"
+                bands[k] = max(bands.get(k, 0.0), r.band)
+        return task, (base.ok, bands)
+    for g in gains:
+        if not check(where, g).ok:
+            return task, g
+    return task, None
+
+
+def sharpness(gains, seeds=3, workers=2):
+    """Smallest branch / skip gain error the gate's check catches, per normalised scheme
+    (each scheme's healthy network checked once; the schemes in parallel)."""
+    schemes = ("batchnorm", "layernorm", "relu_bn_conv", "postnorm")
+    tasks = [(s, w, tuple(gains), seeds) for s in schemes for w in ("healthy", "branch", "skip")]
+    with ProcessPoolExecutor(workers) as ex:
+        done = dict(ex.map(_sharp_task, tasks))
     out = []
-    for scheme in ("batchnorm", "layernorm", "relu_bn_conv", "postnorm"):
+    for s in schemes:
+        ok, bands = done[(s, "healthy", tuple(gains), seeds)]
         for where in ("branch", "skip"):
-            caught = None
-            for g in gains:
-                ch = P.check(builder(scheme, where, g), (256, 256), seeds=seeds,
-                             theory={"scheme": scheme}, progress=False, diagnosis=False)
-                if not ch.ok:
-                    caught = g
-                    break
-            base = P.check(builder(scheme, where, 1.0), (256, 256), seeds=seeds,
-                           theory={"scheme": scheme}, progress=False, diagnosis=False)
-            bands = {}
-            for r in base.comparison.rows:
-                if r.resolved:
-                    k = f"{r.part}/{SHORT.get(r.quantity, r.quantity)}"
-                    bands[k] = max(bands.get(k, 0.0), r.band)
-            out.append({"scheme": scheme, "error": where, "caught_at": caught,
-                        "healthy_passes": base.ok, "widest_band": bands})
+            out.append({"scheme": s, "error": where,
+                        "caught_at": done[(s, where, tuple(gains), seeds)],
+                        "healthy_passes": ok, "widest_band": bands})
     return out
 
 
@@ -302,7 +328,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     conv_rows, conv_secs = conv_calibration(args.seeds, 32, args.conv_depths, args.workers)
     rows, secs = calibration(args.seeds, args.widths, args.depths, args.workers)
-    sharp = [] if args.no_sharpness else sharpness((1.02, 1.05, 1.1, 1.2, 1.5))
+    sharp = [] if args.no_sharpness else sharpness((1.02, 1.05, 1.1, 1.2, 1.5),
+                                                   workers=args.workers)
     lines = [f"# Calibration of the finite-width theory ({args.seeds} seeds, {secs:.0f} s)", "",
              "Share of measured values inside the predicted 90% band (target 85-95%); "
              "`n` positions per seed where the theory is valid.", ""]
