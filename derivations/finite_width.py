@@ -131,5 +131,52 @@ def relu_kurtosis():
                       "BatchNorm's backward gain at batch b is 1 + (kurtosis - 2)/b of 1/v")
 
 
+def gram_entry_modes():
+    """The three ways a realised Gram's off-diagonal entries fluctuate, for one Gaussian
+    channel z of correlation rho (z_i = sqrt(rho) g + sqrt(1 - rho) u_i): X_ij = z_i z_j.
+
+    For an exchangeable array, Var X_ij = pair + 2 row + common with common = Cov[X_ij, X_kl],
+    row = Cov[X_ij, X_ik] - common (an input's own shift, shared by its b - 1 entries) and
+    pair the rest. Double centring (BatchNorm's H K H) keeps only the pair mode."""
+    rho = sp.Symbol("rho", positive=True)
+    g, u1, u2, u3, u4 = sp.symbols("g u1:5", real=True)
+    z = [sp.sqrt(rho) * g + sp.sqrt(1 - rho) * u for u in (u1, u2, u3, u4)]
+
+    def expect(expr):
+        # Gaussian moments of independent N(0, 1) factors: E[x^2] = 1, E[x^4] = 3.
+        poly = sp.Poly(sp.expand(expr), g, u1, u2, u3, u4)
+        moment = {0: 1, 1: 0, 2: 1, 3: 0, 4: 3}
+        return sp.simplify(sum(c * sp.prod(moment[k] for k in mon) for mon, c in poly.terms()))
+    mean = expect(z[0] * z[1])
+    var = expect((z[0] * z[1]) ** 2) - mean ** 2
+    cov_row = expect(z[0] * z[1] * z[0] * z[2]) - mean ** 2
+    common = expect(z[0] * z[1] * z[2] * z[3]) - mean ** 2
+    row = sp.simplify(cov_row - common)
+    pair = sp.factor(sp.simplify(var - 2 * row - common))
+    if sp.simplify(pair - (1 - rho) ** 2) != 0 or sp.simplify(2 * row + common - 2 * rho) != 0 \
+            or sp.simplify(var - 1 - rho ** 2) != 0:
+        raise AssertionError(f"Gram entry modes: pair {pair}, row {row}, common {common}")
+    return [Derivation("n Var[K_ij] / q^2 (Gaussian channels)", sp.expand(var),
+                       "pair (1 - rho)^2 + rows 2 rho (1 - rho) + common 2 rho^2"),
+            Derivation("pair mode of K_ij (Gaussian channels)", pair,
+                       "what double centring leaves; finite._pair_after's e^2 for a fresh "
+                       "weight layer and finite._merge_kappa's rest = 2 rho")]
+
+
+def relu_pair_slope():
+    """d rho_out / d rho_in of a ReLU at fixed q (how a ReLU carries a Gram entry's
+    covariance with anything upstream): the arc-cosine kernel's slope relative to
+    q_out / q_in = 1/2, which Price's theorem gives as E[1(u > 0) 1(v > 0)]."""
+    rho = sp.Symbol("rho")
+    kernel = (sp.sqrt(1 - rho ** 2) + (sp.pi - sp.acos(rho)) * rho) / (2 * sp.pi)  # q_in = 1
+    slope = sp.simplify(sp.diff(kernel, rho) / sp.Rational(1, 2))
+    claim = sp.Rational(1, 2) + sp.asin(rho) / sp.pi
+    if sp.simplify(sp.expand_trig(slope - claim).rewrite(sp.asin)) != 0:
+        raise AssertionError(f"relu slope: derived {slope}, finite._relu_pair uses {claim}")
+    return Derivation("d rho_out / d rho_in (ReLU)", claim,
+                      "2 E[1(u > 0) 1(v > 0)] = 2 (1/4 + asin(rho) / (2 pi))")
+
+
 def derivations():
-    return [pattern_counts()] + relu_truncated_moments() + wishart_covariance() + [relu_kurtosis()]
+    return ([pattern_counts()] + relu_truncated_moments() + wishart_covariance()
+            + [relu_kurtosis()] + gram_entry_modes() + [relu_pair_slope()])

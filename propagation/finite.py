@@ -33,6 +33,30 @@ Where fluctuations come from (each 1/n)
 * Normalisations fix what they normalise: BatchNorm's q and m are exact (no spread passes
   it), LayerNorm maps K to D^-1/2 K D^-1/2 (its Jacobian, no noise of its own).
 
+What (q, c) does not hold: the realised Gram's own entries
+------------------------------------------------------------
+A weight layer's Wishart noise, and a merge's cross term, depend on tr(K^2), and so on the
+noise of each off-diagonal entry of the realised K, not only on q and c. That noise has
+three modes (derivations/finite_width.py): a common one (c itself), a row per input, and
+each pair's own, (1 - rho)^2 / n for Gaussian channels. The pair mode compounds: a fresh
+weight layer adds its own draw to the input's, a ReLU carries the input's through its
+slope and adds a residual, BatchNorm (double centring) keeps only it. The walk carries it
+per tensor (``_pair_after``): after ten BatchNorm blocks it is twice the Gaussian value,
+as networks measure. At a merge, the operands' entries covary (the branch is computed
+from the skip operand), which adds 4 (1 - 1/b) kappa q_s q_f / n^2 to the cross term's
+variance: as large as the rest at b = n (``_merge_kappa``).
+
+The gradient
+------------
+Backwards, each block multiplies the gradient by 1 + chi_l (chi_l its branch's gain): the
+branch's own noise (masks, transposed weights), the merge's cross term 2 tr(J G) / n, in
+which tr(J) / n is common to every input (4 s (1 - s) / n^2 beside the 4 s (1 - s) / (n b)
+of each input's own), and a coupling to the forward pass: a branch that normalises what it
+reads divides the gradient by the realised statistic of the stream, so its chi moves with
+the stream's fluctuation, which persists from block to block. ``_gain_slope`` takes that
+slope from the mean recursion's own backward gain; the stream's fluctuation over every
+source so far is carried beside the block-local forms.
+
 Between layers the fluctuation propagates through the Jacobian of the layer's mean map,
 and its mean through the Hessian as well (the 1/n correction of the mean: E[F(K)] =
 F(E K) + 1/2 F'' Var K). Both are taken by finite differences of the layers' own ``forward``,
@@ -48,6 +72,10 @@ Approximations (stated, and measured by ``make calibrate``)
   whose streams are correlated) is included, see :func:`grad_spread`.
 * Negative correlations (BatchNorm's -1/(b-1)) are set to 0 in the noise terms (an O(1/b)
   change of an O(1/n) term).
+* Of a realised Gram's entry noise only the pair mode is carried; the common and row modes
+  are taken as Gaussian channels' (2 rho). The gradients' own Gram is taken as Gaussian
+  (its pair mode is not carried backwards), and the coupling is taken as independent of
+  the branch's own backward noise.
 * The expansion is in the fluctuation over its mean: it stops where the predicted standard
   deviation of a log statistic is no longer small (``Spread.valid`` marks positions where
   it is below 0.5 nats for q, m and v); there, at depth / width of order one, the
@@ -60,7 +88,8 @@ from typing import Optional
 
 import numpy as np
 
-from .layers import MATH, BatchNorm, BlockGain, Gain, LayerNorm, ReLU, ReLUScaledWS, ReLUWeight, Zero
+from .layers import (MATH, BatchNorm, BlockGain, Gain, LayerNorm, ReLU, ReLUScaledWS, ReLUWeight, Zero,
+                     backward_gain, run)
 from .profile import Stats
 
 LN2 = math.log(2.0)
@@ -181,7 +210,7 @@ def _to_qc(b):
     return np.array([[1.0, 0.0], [-1.0 / (b - 1.0), b / (b - 1.0)]])
 
 
-def _wishart(rho, b, n_in=None):
+def _wishart(rho, b, n_in=None, kp=None):
     """Covariance of one Gaussian channel's (Y, Z), z ~ N(0, K) over b inputs with
     K = (1 - rho) I + rho J (rho >= -1/(b-1)): Cov[z'Az, z'Bz] = 2 tr(AKBK) with A = I/b,
     B = J/b^2 gives Var Y = (2/b)(1 + (b-1) rho^2), Var Z = Cov[Y, Z] = 2 m^2,
@@ -192,9 +221,13 @@ def _wishart(rho, b, n_in=None):
     for Gaussian-like channels, and tr(K^2) sums b(b-1) of them. Where rho ~ 0 (after
     BatchNorm) that b^2/n_in is as large as the diagonal's b when b ~ n_in: it doubles
     Var Y at b = n_in, and it is all of the spread of the channel variance there.
+    ``kp``: the pair mode of that noise when it is not the Gaussian (1 - rho)^2 (the rest,
+    2 rho, is the common and row modes; see :func:`_entry_factors`).
     """
     m = rho + (1.0 - rho) / b
-    off = rho * rho + ((1.0 + rho * rho) / n_in if n_in else 0.0)
+    r = max(rho, 0.0)
+    entry = (1.0 + rho * rho) if kp is None else kp + 2.0 * r
+    off = rho * rho + (entry / n_in if n_in else 0.0)
     vy = 2.0 / b * (1.0 + (b - 1.0) * off)
     return np.array([[vy, 2.0 * m * m], [2.0 * m * m, 2.0 * m * m]])
 
@@ -298,10 +331,8 @@ class _Form:
         return _Form(cols, wa * a.mu + wb * b.mu)
 
     def add_noise(self, cov, key):
-        w, V = np.linalg.eigh(0.5 * (cov + cov.T))
-        root = V * np.sqrt(np.clip(w, 0.0, None))
         cols = dict(self.cols)
-        cols[key] = root
+        cols[key] = _root(cov)
         return _Form(cols, self.mu)
 
 
@@ -312,6 +343,10 @@ class _Walker:
         self.n = float(width)
         self.b = int(batch)
         self._key = 0
+        # n Var / q^2 of the current tensor's Gram entries in their own pair mode (what
+        # double centring leaves, see _entry_factors): (1 - rho)^2 for Gaussian channels,
+        # more where realised Grams have passed through layers (they compound).
+        self.kp = 0.0
         self.centred = False
         self.ln_inputs = {}  # block -> relative variance of q at each LayerNorm's input
         # Backward ingredients, recorded on each block's pre + branch (``record=True``): the
@@ -361,6 +396,7 @@ class _Walker:
         if isinstance(layer, Zero) or (isinstance(layer, Gain) and layer.a == 0.0):
             return None, -math.inf, 1.0
         lq_o, e_o = layer.forward(lq, e, l, MATH)
+        self.kp = _pair_after(layer, self.kp, e, e_o)
         if isinstance(layer, BatchNorm):
             # Exactly q = 1 and a zero batch mean per channel: at batch b the correlation
             # between two different inputs is -1/(b-1), not the infinite batch's 0.
@@ -383,8 +419,12 @@ class _Walker:
                 res = res / (1.0 - 1.0 / math.pi) ** 2
             out = out.add_noise(res, self.fresh())
         if layer.is_weight_layer:
-            out = out.add_noise(_noise(_grid(1.0 - e_o), self.b, "wishart", int(self.n))
-                                / self.n, self.fresh())
+            # The weights' input Gram is realised: its pair mode is what the walk carries
+            # (the output's own fresh part, e_o^2, is the last thing _pair_after added).
+            kp_in = self.kp - e_o * e_o
+            L = _to_qc(self.b)
+            cov = L @ _wishart(_grid(1.0 - e_o), self.b, int(self.n), kp_in) @ L.T
+            out = out.add_noise(cov / self.n, self.fresh())
         return out, lq_o, e_o
 
     def chain(self, layers, form, lq, e, l, cx, centred=False, record=False):
@@ -401,8 +441,10 @@ class _Walker:
         self.centred = centred
         return form, lq, e
 
-    def cross(self, lq_s, e_s, lq_b, e_b, q_y):
-        """Covariance (relative to q_y) of the cross term 2 s.f of a merge."""
+    def cross(self, lq_s, e_s, lq_b, e_b, q_y, kappa=0.0):
+        """Covariance (relative to q_y) of the cross term 2 s.f of a merge; ``kappa``:
+        n Cov[K_s,ij, K_f,ij] / (q_s q_f) between the operands' realised Gram entries
+        (:func:`_entry_factors`)."""
         b = self.b
         qs, qb = 2.0 ** (lq_s - math.log2(q_y)), 2.0 ** (lq_b - math.log2(q_y))
         # Exact for any exchangeable covariance, BatchNorm's negative correlation included.
@@ -410,7 +452,11 @@ class _Walker:
         a_s, g_s = qs * (1.0 - rs), qs * rs
         a_b, g_b = qb * (1.0 - rb), qb * rb
         m_s, m_b = g_s + a_s / b, g_b + a_b / b
-        vy = 4.0 * ((a_s * a_b + a_s * g_b + g_s * a_b) / b + g_s * g_b)
+        # Var of the q part is 4 tr(K_s K_f) / (n b^2) for the realised Grams: the mean
+        # Grams give the first term; the b(b - 1) off-diagonal entries add their covariance,
+        # which is as large as the rest where b ~ n (measured: 1.5-1.9x at b = n otherwise).
+        vy = 4.0 * ((a_s * a_b + a_s * g_b + g_s * a_b) / b + g_s * g_b
+                    + (1.0 - 1.0 / b) * kappa * qs * qb / self.n)
         vz = 4.0 * m_s * m_b
         cyz = np.array([[vy, vz], [vz, vz]]) / self.n
         L = _to_qc(b)
@@ -509,20 +555,34 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
     lg_skip = 2.0 * math.log2(block.skip_gain) if block.skip_gain > 0 else -math.inf
     keep = np.zeros(D)  # the skip operand's share of each merge (0 for a projection)
     stream_centred = False
+    # The block input's fluctuation over every independent source so far (not only through
+    # the block-local "x"): the gradient's coupling to the forward pass needs the covariance
+    # between different blocks' inputs, which persist along the stream.
+    stream = _root(cx)
+    coupling = []  # per block: d ln(backward gain) as a linear map of the sources
+    kp_x = e * e if input_noise else 0.0  # the input's Gram: Gaussian channels, or exact
     for l in range(D):
+        coupling.append(math.log(2.0) * _gain_slope(block, plan, l, lq, e, lg_skip) @ stream)
         x = _Form({"x": np.eye(2)}, mux.copy())
         W.start_block()
+        W.kp = kp_x
         p, lq_p, e_p = W.chain(block.pre, x, lq, e, l, cx, stream_centred, record=True)
-        pre_centred = W.centred
+        pre_centred, kp_p = W.centred, W.kp
         f, lq_b, e_b = W.chain(block.branch, p, lq_p, e_p, l, cx, pre_centred, record=True)
+        kp_f = W.kp
         if proj[l]:
+            W.kp = kp_p
             s, lq_s, e_s = W.chain(block.projection, p, lq_p, e_p, l, cx, pre_centred)
+            kp_s = W.kp
         else:
             s, lq_s, e_s = x, lq + lg_skip, e
+            kp_s = kp_x
+        pair_sf, all_sf = _merge_kappa(block, plan, l, lq, e, kp_p if proj[l] else kp_x)
         (sk_m[:, l], sk_s[:, l]) = _report(s, cx, lq_s, e_s, b)
         (br_m[:, l], br_s[:, l]) = _report(f, cx, lq_b, e_b, b)
         if f is None or lq_b == -math.inf:
             y, lq_y, e_y = s, lq_s, e_s
+            kp_y = kp_s
         else:
             q_s, q_b = 2.0 ** lq_s, 2.0 ** lq_b
             lq_y = math.log2(q_s + q_b) if np.isfinite(lq_s) else lq_b
@@ -531,12 +591,21 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
             e_y = ws * e_s + wb * e_b
             y = _Form.combine(s, ws, f, wb) if s is not None else f.map(wb * np.eye(2))
             if s is not None and np.isfinite(lq_s):
-                y = y.add_noise(W.cross(lq_s - lq_y, e_s, lq_b - lq_y, e_b, 1.0), W.fresh())
+                y = y.add_noise(W.cross(lq_s - lq_y, e_s, lq_b - lq_y, e_b, 1.0, all_sf),
+                                W.fresh())
+            # The sum's pair mode: both operands', their covariance, and the cross Gram
+            # (1/n) sum_c (s_ic f_jc + f_ic s_jc), whose own pair part is 2 e_s e_b q_s q_f.
+            kp_y = (ws * ws * kp_s + wb * wb * kp_f
+                    + 2.0 * ws * wb * (pair_sf + e_s * e_b) if np.isfinite(lq_s) else kp_f)
             keep[l] = 0.0 if proj[l] else ws
         if l == D - 1:
             (sk_m[:, D], sk_s[:, D]) = _report(y, cx, lq_y, e_y, b)
+        W.kp = kp_y
         y, lq, e = W.chain(block.post, y, lq_y, e_y, l, cx)
-        stream_centred = W.centred
+        stream_centred, kp_x = W.centred, W.kp
+        if y is not None:
+            stream = np.hstack([y.cols["x"] @ stream if "x" in y.cols else np.zeros_like(stream)]
+                               + [v for k, v in y.cols.items() if k != "x"])
         cx, mux = (y.cov(cx), y.mu.copy()) if y is not None else (np.zeros((2, 2)), np.zeros(2))
     if _per_example:
         return W.ln_inputs
@@ -551,7 +620,7 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
     # A first ReLU reads the stream's own signs unless a batch centring came first, or the
     # block's shortcut is a projection (the stream does not persist across it).
     rho_stream = np.where(proj, np.nan, W.first_relu_rho)
-    g_var = _grad_variance(share, W.own, rho_stream, keep, proj, n, b)
+    g_var = _grad_variance(share, W.own, rho_stream, keep, proj, n, b) + _coupling_variance(coupling)
     s_arr = np.nan_to_num(np.asarray(share, dtype=np.float64)) if share is not None else np.zeros(D)
     g_shift = np.append(np.cumsum((s_arr * W.bn_shift)[::-1])[::-1], 0.0)
     skip_id = np.append(~proj & (block.skip_gain == 1.0), True)
@@ -579,6 +648,139 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
                   valid_grad=valid_g)
 
 
+def _entry_factors(layers, lq, e, l):
+    """How ``layers`` carry the covariance of a Gram entry with anything fixed upstream:
+    (pair, rest) factors for the two kinds of off-diagonal fluctuation of K_ij.
+
+    A realised Gram K_ij = (1/n) sum_c z_ic z_jc fluctuates in three ways: the common
+    mode c (all pairs), a row mode per input (K_i. of one input), and each pair's own
+    part. For Gaussian channels of correlation rho, n Var[K_ij] / q^2 = 1 + rho^2 splits
+    into (1 - rho)^2 for the pair's own part and 2 rho for the other two. An elementwise
+    map (a ReLU, a weight layer, a gain) takes every mode through the slope of its kernel,
+    d rho_out / d rho_in at fixed q (a fresh weight layer adds noise independent of
+    anything upstream, so covariances pass unchanged). BatchNorm centres each channel
+    over the batch, which removes the common and row modes exactly (H K H), and divides
+    by the variance: the pair part by e = 1 - rho relative to q. LayerNorm rescales each
+    input by its own norm: relative entries pass."""
+    fp = fr = 1.0
+    for layer in layers:
+        if isinstance(layer, Zero) or (isinstance(layer, Gain) and layer.a == 0.0):
+            return 0.0, 0.0
+        if isinstance(layer, BatchNorm):
+            fp, fr = fp / max(e, 1e-12), 0.0
+        elif not isinstance(layer, LayerNorm):
+            h = 1e-6
+            lo, hi = max(e - h, 0.0), min(e + h, 1.0)
+            d = (layer.forward(lq, hi, l, MATH)[1] - layer.forward(lq, lo, l, MATH)[1]) / (hi - lo)
+            fp, fr = fp * d, fr * d
+        lq, e = layer.forward(lq, e, l, MATH)
+    return fp, fr
+
+
+@lru_cache(maxsize=4096)
+def _relu_pair(rho):
+    """(slope, pair) of a ReLU on Gaussian channels of correlation rho: slope
+    d rho_out / d rho_in = 1/2 + asin(rho) / pi (Price: E[relu' relu'] relative to q_out / q_in),
+    and the pair mode of its output Gram, n Var / q_out^2 = E_g[Var(relu | g)^2] / q_out^2
+    (the pair mode of an exchangeable array X_ij is Var X_ij - 2 Cov[X_ij, X_ik] +
+    Cov[X_ij, X_kl]; given the common factor g the channel's values are i.i.d.)."""
+    rho = min(max(rho, 0.0), 1.0 - 1e-9)
+    m1, m2 = _relu_powers(math.sqrt(rho) * _G, math.sqrt(1.0 - rho))[:2]
+    pair = float(np.dot(_W, (m2 - m1 * m1) ** 2)) / 0.25  # q_out = 1/2 for q_in = 1
+    return 0.5 + math.asin(rho) / math.pi, pair
+
+
+def _pair_after(layer, kp, e, e_o):
+    """The pair mode (n Var / q^2 of the Gram entries, double centred) of ``layer``'s
+    output, from its input's ``kp`` at input / output states e, e_o (1 - rho).
+
+    A ReLU maps the input's part through its slope d (the Gaussian linearisation is exact
+    for covariances with the input's Gram) and adds its own residual, pair(rho) - d^2 e^2;
+    Scaled WS then removes the channels' common mean, which is not in the pair mode but
+    shrinks q by 1 - 1/pi; a fresh weight layer adds its Wishart draw, e_o^2; BatchNorm
+    divides by the variance (q e); LayerNorm and gains keep relative entries."""
+    if isinstance(layer, BatchNorm):
+        return kp / max(e, 1e-12) ** 2
+    if isinstance(layer, (Gain, BlockGain, LayerNorm)):
+        return kp
+    if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
+        d, pair = _relu_pair(_grid(1.0 - e))
+        kp = d * d * kp + pair - d * d * e * e
+        if isinstance(layer, ReLUScaledWS):
+            kp = kp / (1.0 - 1.0 / math.pi) ** 2
+    if layer.is_weight_layer:
+        kp = kp + e_o * e_o
+    return kp
+
+
+def _merge_kappa(block, plan, l, lq, e, kp):
+    """(pair, all) of n Cov[K_s,ij, K_f,ij] / (q_s q_f) between block l's skip operand and
+    branch output, both drawn from the block input (lq, e) whose Gram's pair mode is ``kp``
+    (through the pre chain for a projection, whose output's is ``kp``). The common and row
+    modes are taken as Gaussian channels': 2 rho."""
+    pre_p, pre_r = _entry_factors(block.pre, lq, e, l)
+    lq_p, e_p = run(block.pre, lq, e, l, MATH)
+    bp, br = _entry_factors(block.branch, lq_p, e_p, l)
+    if plan.projection[l]:
+        sp, sr = _entry_factors(block.projection, lq_p, e_p, l)
+        pair, rest = kp * sp * bp, 2.0 * max(1.0 - e_p, 0.0) * sr * br
+    else:
+        pair, rest = kp * pre_p * bp, 2.0 * max(1.0 - e, 0.0) * pre_r * br
+    return pair, pair + rest
+
+
+def _root(cov):
+    """A (2, 2) matrix R with R R^T = cov (cov symmetric positive semi-definite)."""
+    w, V = np.linalg.eigh(0.5 * (cov + cov.T))
+    return V * np.sqrt(np.clip(w, 0.0, None))
+
+
+def _gain_slope(block, plan, l, lq, e, lg_skip):
+    """The gradient of block l's log2 backward gain (merge output to block input, the
+    ``a_l`` of ``predict``) with respect to its input's relative fluctuation (dq/q, dc/q).
+
+    A branch that normalises what it reads (BatchNorm, LayerNorm on the stream) divides the
+    gradient by the realised statistic of its input, not by its mean: a network whose
+    stream came out 1% larger sends 1% less gradient through every such branch. The mean
+    recursion's gain is a function of the input state (log2 q, e = 1 - rho), so its slope
+    there is that coupling; with d log2 q = (dq/q) / ln 2 and de = (1 - e)(dq/q) - dc/q.
+    Positively homogeneous branches (no normalisation) have slope 0."""
+    def gain(lq_, e_):
+        g_pre = backward_gain(block.pre, lq_, e_, l, MATH)
+        lq_p, e_p = run(block.pre, lq_, e_, l, MATH)
+        g_branch = backward_gain(block.branch, lq_p, e_p, l, MATH)
+        if plan.projection[l]:
+            g_proj = backward_gain(block.projection, lq_p, e_p, l, MATH)
+            return g_pre + float(np.logaddexp2(g_branch, g_proj))
+        return float(np.logaddexp2(lg_skip, g_pre + g_branch))
+
+    h = 1e-5
+    if not np.isfinite(lq):
+        return np.zeros(2)
+    with np.errstate(all="ignore"):
+        d_lq = (gain(lq + h, e) - gain(lq - h, e)) / (2 * h)
+        lo, hi = max(e - h, 0.0), min(e + h, 1.0)
+        d_e = (gain(lq, hi) - gain(lq, lo)) / (hi - lo) if hi > lo else 0.0
+    if not (np.isfinite(d_lq) and np.isfinite(d_e)):
+        return np.zeros(2)  # a branch that reads a fully correlated batch through BatchNorm
+    return np.array([d_lq / LN2 + d_e * (1.0 - e), -d_e])
+
+
+def _coupling_variance(rows):
+    """Var[ln G] at x_0 .. x_D from the forward-backward coupling: G at x_l carries
+    sum_{j >= l} d ln a_j, and ``rows[j]`` is d ln a_j over the independent sources of the
+    forward pass that reached block j (a prefix of every later block's)."""
+    D = len(rows)
+    out = np.zeros(D + 1)
+    if not D:
+        return out
+    acc = np.zeros(max(len(r) for r in rows))
+    for j in range(D - 1, -1, -1):
+        acc[:len(rows[j])] += rows[j]
+        out[j] = float(acc @ acc)
+    return out
+
+
 def _grad_variance(share, own, rho_stream, keep, proj, n, b):
     """Var[ln G] at x_0 .. x_D, accumulated from the read-out backwards.
 
@@ -587,7 +789,12 @@ def _grad_variance(share, own, rho_stream, keep, proj, n, b):
     (each ReLU's mask and Gaussian: (1/n)(5/b + (1 - 1/b)(2/pi) asin rho), rho the
     correlation between inputs of its pre-activation; each transposed weight layer 2/(n b)
     for gradients uncorrelated between inputs; each BatchNorm's division by a per-channel
-    variance 2/(n(b-1))). The cross term of the merge adds 4 s (1 - s)/(n b).
+    variance 2/(n(b-1))). The cross term of the merge, 2 tr(J G) / n for the branch's
+    Jacobian J and the arriving gradients' channel Gram G (tr G = n), adds
+    4 s (1 - s) tr(G^2) / n^3 = 4 s (1 - s) (1/(n b) + 1/n^2): J's entries are independent
+    with variance chi / n, and for b uncorrelated gradients tr(G^2) / n = 1 + n / b. The
+    1/(n b) is each input's own g.J.g; the 1/n^2 is tr(J) / n, which every input shares
+    (it stays at an infinite batch).
 
     The masks of ReLUs that read the stream itself (``rho_stream`` finite: their input's
     correlation between inputs) persist from block to block: block k' reads
@@ -597,7 +804,7 @@ def _grad_variance(share, own, rho_stream, keep, proj, n, b):
     """
     D = len(own)
     s = np.nan_to_num(np.asarray(share, dtype=np.float64)) if share is not None else np.zeros(D)
-    inc = s * s * own + 4.0 * s * (1.0 - s) / (n * b)
+    inc = s * s * own + 4.0 * s * (1.0 - s) * (1.0 / (n * b) + 1.0 / (n * n))
     on_stream = np.isfinite(rho_stream) & (s > 0)
     # sqrt of the skip share between consecutive blocks: the stream's channel correlation.
     step = np.sqrt(np.clip(keep, 0.0, 1.0))
