@@ -19,6 +19,9 @@ Sharpness: for each normalised scheme at 100 blocks and width 256, the gate's ch
 seeds, as in CI) of networks whose every branch, or every skip connection, carries an
 extra gain: the smallest gain it catches.
 
+The MLP and conv tasks share one pool of workers, largest first, and each is scored as it
+arrives, so that no core idles while another finishes a part.
+
 Writes <out>/calibration.md and calibration.json; prints the tables.
 """
 import argparse
@@ -95,6 +98,9 @@ def _measure_conv(task):
     return task, {f"{p}/{q}": np.stack(v).tolist() for (p, q), v in out.items()}
 
 
+#: The conv calibration's width (the gate's conv nets' width).
+CONV_WIDTH = 32
+
 #: The conv calibration's batches: 8 images of 3 x 16 x 16 (the gate's are 32 x 32; 16 x 16
 #: keeps 64 seeds of every scheme within the ten minutes).
 CONV_SHAPE = (8, 3, 16, 16)
@@ -106,66 +112,58 @@ def _conv_net(scheme, params, width, depth):
                           block="basic", num_classes=None, **params)
 
 
-def conv_calibration(seeds, width, depths, workers):
-    """The conv nets: the position theory's profile (unconditioned: from the stem's output
-    for N(0, 1) inputs) with the 7/n band of ``compare`` (convolutional statistics average
-    over positions, which the finite-width theory does not cover). Per scheme, depth and
-    quantity: the share of (seed, block) values within centre +- 1.645 sigma, and the worst
-    |measured median - centre| in nats and in standard errors (1.25 sigma / sqrt(S))."""
+def conv_score(task, data):
+    """Calibration rows of one conv task's measurements (``_measure_conv``): the position
+    theory's profile (unconditioned: from the stem's output for N(0, 1) inputs) with the 7/n
+    band of ``compare`` (convolutional statistics average over positions, which the
+    finite-width theory does not cover). Per quantity: the share of (seed, block) values
+    within centre +- 1.645 sigma, and the worst |measured median - centre| in nats and in
+    standard errors (1.25 sigma / sqrt(S))."""
     import propagation as P
     from propagation import comparison, nets
     from propagation.positions import Population, _conv_args
-    tasks = [(s, p, width, d, seeds) for s, p in _settings() for d in depths]
+    scheme, params, width, depth, _ = task
     rows = []
-    t0 = time.time()
-    with ProcessPoolExecutor(workers) as ex:
-        results = ex.map(_measure_conv, tasks)
-        try:
-            from tqdm import tqdm
-            results = tqdm(results, total=len(tasks), desc="calibrate conv", file=sys.stderr)
-        except ImportError:  # pragma: no cover
-            pass
-        for (scheme, params, width, depth, _), data in results:
-            # The band's sigma from the theory of the stem's mean draw (it moves little with
-            # the input state; each seed's centre is its own theory, in the deltas).
-            model = _conv_net(scheme, params, width, depth)
-            geo = nets.conv_geometry(model, CONV_SHAPE)
-            stem = Population.iid(CONV_SHAPE[2:], CONV_SHAPE[0])
-            for spec in geo["stem"]:
-                stem = stem.conv(spec["gain2"], **_conv_args(spec))
-            th = P.predict(**model.theory, positions=geo, input_second_moment=stem.q,
-                           input_squared_mean=stem.m)
-            for part, q in QUANT:
-                meas = np.asarray(data[f"{part}/{q}"]) * math.log(2)  # ln(measured / theory)
-                if part == "grad":
-                    sig = comparison.grad_sigma(th, width)
-                    pred = th.grad.log2_second_moment * math.log(2)
-                else:
-                    s_skip, s_branch = comparison.finite_width_sigma(th, width, 2, q)
-                    sig = s_skip if part == "skip" else s_branch
-                    pred = getattr(getattr(th, part), f"log2_{q}") * math.log(2)
-                # Centred as compare centres (a second moment's median sits sigma^2 / 2 below
-                # its mean); where the theory is not finite (an exactly zero branch), nothing.
-                centre = np.where(np.isfinite(pred),
-                                  -0.5 * sig ** 2 if q == "second_moment" else 0.0, np.nan)
-                ok = np.isfinite(centre) & np.isfinite(meas).all(axis=0) & (sig > 0)
-                if q == "squared_mean":
-                    # As compare: a squared mean below what `width` channels resolve
-                    # (q / n) is checked only against that floor, not covered.
-                    q_pred = getattr(th, part).log2_second_moment * math.log(2)
-                    ok &= pred >= q_pred - math.log(width)
-                n_ok = int(ok.sum())
-                inside = np.abs(meas - centre) <= 1.645 * sig
-                cover = float(inside[:, ok].mean()) if n_ok else math.nan
-                dm = np.abs(np.median(meas, axis=0) - centre)
-                se = 1.2533 * sig / math.sqrt(meas.shape[0])
-                rows.append({"scheme": scheme + "".join(f"-{k}{v}" for k, v in params.items()),
-                             "width": width, "depth": depth, "part": part, "quantity": q,
-                             "coverage": cover, "positions": n_ok,
-                             "median_worst": float(np.max(dm[ok])) if n_ok else math.nan,
-                             "median_worst_in_se": float(np.max(dm[ok] / se[ok])) if n_ok
-                             else math.nan})
-    return rows, time.time() - t0
+    # The band's sigma from the theory of the stem's mean draw (it moves little with
+    # the input state; each seed's centre is its own theory, in the deltas).
+    model = _conv_net(scheme, params, width, depth)
+    geo = nets.conv_geometry(model, CONV_SHAPE)
+    stem = Population.iid(CONV_SHAPE[2:], CONV_SHAPE[0])
+    for spec in geo["stem"]:
+        stem = stem.conv(spec["gain2"], **_conv_args(spec))
+    th = P.predict(**model.theory, positions=geo, input_second_moment=stem.q,
+                   input_squared_mean=stem.m)
+    for part, q in QUANT:
+        meas = np.asarray(data[f"{part}/{q}"]) * math.log(2)  # ln(measured / theory)
+        if part == "grad":
+            sig = comparison.grad_sigma(th, width)
+            pred = th.grad.log2_second_moment * math.log(2)
+        else:
+            s_skip, s_branch = comparison.finite_width_sigma(th, width, 2, q)
+            sig = s_skip if part == "skip" else s_branch
+            pred = getattr(getattr(th, part), f"log2_{q}") * math.log(2)
+        # Centred as compare centres (a second moment's median sits sigma^2 / 2 below
+        # its mean); where the theory is not finite (an exactly zero branch), nothing.
+        centre = np.where(np.isfinite(pred),
+                          -0.5 * sig ** 2 if q == "second_moment" else 0.0, np.nan)
+        ok = np.isfinite(centre) & np.isfinite(meas).all(axis=0) & (sig > 0)
+        if q == "squared_mean":
+            # As compare: a squared mean below what `width` channels resolve
+            # (q / n) is checked only against that floor, not covered.
+            q_pred = getattr(th, part).log2_second_moment * math.log(2)
+            ok &= pred >= q_pred - math.log(width)
+        n_ok = int(ok.sum())
+        inside = np.abs(meas - centre) <= 1.645 * sig
+        cover = float(inside[:, ok].mean()) if n_ok else math.nan
+        dm = np.abs(np.median(meas, axis=0) - centre)
+        se = 1.2533 * sig / math.sqrt(meas.shape[0])
+        rows.append({"scheme": scheme + "".join(f"-{k}{v}" for k, v in params.items()),
+                     "width": width, "depth": depth, "part": part, "quantity": q,
+                     "coverage": cover, "positions": n_ok,
+                     "median_worst": float(np.max(dm[ok])) if n_ok else math.nan,
+                     "median_worst_in_se": float(np.max(dm[ok] / se[ok])) if n_ok
+                     else math.nan})
+    return rows
 
 
 def _redraw(model):
@@ -190,21 +188,45 @@ def _theory(scheme, params, width, depth):
                      input_squared_mean=0.0, **params)
 
 
-def calibration(seeds, widths, depths, workers):
-    tasks = [(s, p, w, d, seeds) for s, p in _settings() for w in widths for d in depths]
-    rows = []
+def _cost(kind, task):
+    """A rough relative cost of one task (seconds per seed on one core, measured once):
+    the pool takes the largest first, so that no worker idles at the end."""
+    _, _, width, depth, seeds = task
+    if kind == "conv":
+        return seeds * depth * 0.017  # a measure and a position theory per seed
+    return seeds * depth * (0.0015 + 0.0075 * (width / 256) ** 2)
+
+
+def calibration(seeds, widths, depths, conv_width, conv_depths, workers):
+    """Measure every MLP and conv task (one pool, largest first) and score each as it
+    arrives: (MLP rows, conv rows, wall seconds)."""
+    from concurrent.futures import as_completed
+    settings = _settings()
+    jobs = ([("mlp", (s, p, w, d, seeds)) for s, p in settings for w in widths for d in depths]
+            + [("conv", (s, p, conv_width, d, seeds)) for s, p in settings for d in conv_depths])
+    jobs.sort(key=lambda j: -_cost(*j))
+    rows, conv_rows = [], []
     t0 = time.time()
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
     with ProcessPoolExecutor(workers) as ex:
-        results = ex.map(_measure, tasks)
+        futures = {ex.submit(_measure if kind == "mlp" else _measure_conv, task): kind
+                   for kind, task in jobs}
+        done = as_completed(futures)
         if tqdm is not None:
-            results = tqdm(results, total=len(tasks), desc="calibrate", file=sys.stderr)
-        for task, data in results:
-            rows += score(task, data)
-    return rows, time.time() - t0
+            done = tqdm(done, total=len(futures), desc="calibrate", file=sys.stderr)
+        for fut in done:
+            task, data = fut.result()
+            if futures[fut] == "mlp":
+                rows += score(task, data)
+            else:
+                conv_rows += conv_score(task, data)
+    # Tables in a fixed order, whatever order the tasks finished in.
+    order = {(s + "".join(f"-{k}{v}" for k, v in p.items())): i for i, (s, p) in enumerate(settings)}
+    key = lambda r: (order[r["scheme"]], r["width"], r["depth"])  # noqa: E731
+    return sorted(rows, key=key), sorted(conv_rows, key=key), time.time() - t0
 
 
 def score(task, data):
@@ -326,11 +348,14 @@ def main(argv=None):
     ap.add_argument("--conv-depths", type=int, nargs="+", default=[10, 30])
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    conv_rows, conv_secs = conv_calibration(args.seeds, 32, args.conv_depths, args.workers)
-    rows, secs = calibration(args.seeds, args.widths, args.depths, args.workers)
+    rows, conv_rows, secs = calibration(args.seeds, args.widths, args.depths, CONV_WIDTH,
+                                        args.conv_depths, args.workers)
+    t_sharp = time.time()
     sharp = [] if args.no_sharpness else sharpness((1.02, 1.05, 1.1, 1.2, 1.5),
                                                    workers=args.workers)
-    lines = [f"# Calibration of the finite-width theory ({args.seeds} seeds, {secs:.0f} s)", "",
+    secs_sharp = time.time() - t_sharp
+    lines = [f"# Calibration of the finite-width theory ({args.seeds} seeds; MLP and conv nets "
+             f"{secs:.0f} s, sharpness {secs_sharp:.0f} s, on {args.workers} workers)", "",
              "Share of measured values inside the predicted 90% band (target 85-95%); "
              "`n` positions per seed where the theory is valid.", ""]
     keys = [f"{p}/{SHORT.get(q, 'G')}" for p, q in QUANT]
@@ -370,7 +395,7 @@ def main(argv=None):
             lines.append(f"| {r['scheme']} | {r['error']} gain | {r['caught_at'] or '> 1.5'} | "
                          f"{r['healthy_passes']} | {bands} |")
     lines += ["", f"Conv nets (ResNet-V2 basic blocks, two stages, width 32, batches "
-              f"{'x'.join(map(str, CONV_SHAPE))}, {args.seeds} seeds, {conv_secs:.0f} s): the "
+              f"{'x'.join(map(str, CONV_SHAPE))}, {args.seeds} seeds): the "
               "position theory with compare's 7/n band (no finite-width theory for positions). "
               "Share of values within centre +- 1.645 sigma; in brackets the worst "
               "|median - centre| in nats and in standard errors.", ""]
@@ -392,7 +417,7 @@ def main(argv=None):
         f.write(text)
     with open(os.path.join(args.out, "calibration.json"), "w") as f:
         json.dump({"rows": rows, "sharpness": sharp, "seconds": secs, "conv_rows": conv_rows,
-                   "conv_seconds": conv_secs}, f, indent=1)
+                   "sharpness_seconds": secs_sharp}, f, indent=1)
     print(text)
 
 
