@@ -262,12 +262,12 @@ def theory_kwargs(model: torch.nn.Module, measured: Profile,
     if "stages" not in base and base["depth"] == measured.depth:
         base.update(measured_stages(measured, base.get("project_first")))
     from . import nets
-    if (isinstance(model, nets.ResidualNetwork) and input_shape is not None
+    if (input_shape is not None and len(input_shape) == 4
             and "padding_factors" not in base and "positions" not in base):
         geometry = _conv_geometry(model, input_shape) if positions else None
         if geometry is not None:
             base["positions"] = geometry  # every map position by position (exact padding)
-        else:
+        elif isinstance(model, nets.ResidualNetwork):
             base["padding_factors"] = nets.padding_factors(model, input_shape)
     if "input_second_moment" not in base:
         base.update(input_state(measured, finite_batch="positions" in base))
@@ -276,11 +276,22 @@ def theory_kwargs(model: torch.nn.Module, measured: Profile,
 
 def _conv_geometry(model, input_shape):
     """The network's geometry for the position theory, or None where it has no position
-    map (dense networks, the ImageNet stem's max pool, grouped convolutions)."""
+    map (dense networks, the ImageNet stem's max pool, grouped convolutions). A network of
+    propagation.nets is read by its classes; any other is traced (one forward pass of
+    random inputs of ``input_shape``)."""
     from . import nets
     try:
-        return nets.conv_geometry(model, input_shape)
-    except ValueError:
+        if isinstance(model, nets.ResidualNetwork):
+            return nets.conv_geometry(model, input_shape)
+        from .tracing import traced_conv_geometry
+        param = next(model.parameters(), None)
+        x = torch.randn(tuple(int(s) for s in input_shape), generator=torch.Generator().manual_seed(0),
+                        dtype=param.dtype if param is not None and param.is_floating_point()
+                        else torch.float32)
+        if param is not None:
+            x = x.to(param.device)
+        return traced_conv_geometry(model, x)
+    except (ValueError, TypeError):
         return None
 
 

@@ -475,11 +475,24 @@ def _backward(tape, h):
 
 def predict_positions(block, plan, geometry, input_second_moment=1.0, input_squared_mean=0.0,
                       progress=False):
+    """See :func:`_predict_positions`; a map this theory does not have (a ReLU of an input
+    with a channel mean) is a GeometryError too: the network does not fit the theory."""
+    try:
+        return _predict_positions(block, plan, geometry, input_second_moment,
+                                  input_squared_mean, progress)
+    except NotImplementedError as err:
+        raise GeometryError(str(err)) from None
+
+
+def _predict_positions(block, plan, geometry, input_second_moment=1.0, input_squared_mean=0.0,
+                       progress=False):
     """A scheme's profile on a convolutional network, every map position by position.
 
     ``block`` and ``plan`` are the scheme's (``propagation.schemes``); ``geometry`` is the
-    network's (:func:`propagation.nets.conv_geometry`): its input shape, stem convolutions
-    and each block's branch and projection convolutions. The network's input is i.i.d.
+    network's (:func:`propagation.nets.conv_geometry`, or for any network
+    :func:`propagation.tracing.traced_conv_geometry`): its input shape, stem convolutions
+    (and ReLUs, BatchNorms: ``{"op": "relu"}``) and each block's branch and projection
+    convolutions. The network's input is i.i.d.
     across examples, positions and channels; the stem's output, block 0's input, is then
     conditioned on the given second moment and squared mean (:meth:`Population.condition`),
     as the scheme theory starts from a measured block input.
@@ -494,8 +507,16 @@ def predict_positions(block, plan, geometry, input_second_moment=1.0, input_squa
     n, _, h, w = (int(v) for v in geometry["input_shape"])
     state = Population.iid((h, w), n)
     for spec in geometry.get("stem", ()):
-        state = state.conv(spec.get("gain2", 1.0), standardised=spec.get("standardised", False),
-                           **_conv_args(spec))
+        op = spec.get("op", "conv")
+        if op == "relu":
+            state = state.relu()
+        elif op == "batchnorm":
+            state = state.batchnorm()[0]
+        elif op == "conv":
+            state = state.conv(spec.get("gain2", 1.0),
+                               standardised=spec.get("standardised", False), **_conv_args(spec))
+        else:
+            raise GeometryError(f"the stem's {op!r} has no position map (conv, relu, batchnorm)")
     state = state.condition(input_second_moment, input_squared_mean)
     blocks = geometry["blocks"]
     if len(blocks) != plan.depth:
