@@ -73,9 +73,9 @@ Approximations (stated, and measured by ``make calibrate``)
 * Negative correlations (BatchNorm's -1/(b-1)) are set to 0 in the noise terms (an O(1/b)
   change of an O(1/n) term).
 * Of a realised Gram's entry noise only the pair mode is carried; the common and row modes
-  are taken as Gaussian channels' (2 rho). The gradients' own Gram is taken as Gaussian
-  (its pair mode is not carried backwards), and the coupling is taken as independent of
-  the branch's own backward noise.
+  are taken as Gaussian channels' (2 rho). The gradients' own Gram is walked backwards for
+  gradients uncorrelated between inputs (``_gradient_pair_walk``), and the coupling is
+  taken as independent of the branch's own backward noise.
 * The expansion is in the fluctuation over its mean: it stops where the predicted standard
   deviation of a log statistic is no longer small (``Spread.valid`` marks positions where
   it is below 0.5 nats for q, m and v); there, at depth / width of order one, the
@@ -353,6 +353,10 @@ class _Walker:
         # branch gain's own relative variance, its finite-batch mean shift (BatchNorm's
         # backward), and the first ReLU's correlation when it reads the stream's signs.
         self.own = np.zeros(depth)
+        # Per block, its pre + branch in forward order as the backward pass needs them:
+        # ("relu", rho) for a mask, ("weight",) for a transposed weight layer, whose noise
+        # depends on the arriving gradients' Gram (see _gradient_pair_walk).
+        self.tape = [[] for _ in range(depth)]
         self.bn_shift = np.zeros(depth)
         self.first_relu_rho = np.full(depth, np.nan)  # NaN: a norm centres the batch first
         self._first = self._prev_relu = False
@@ -367,6 +371,7 @@ class _Walker:
         if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
             r = min(max(1.0 - e, 0.0), 1.0)
             self.own[l] += (5.0 / b + (1.0 - 1.0 / b) * (2.0 / math.pi) * math.asin(r)) / n
+            self.tape[l].append(("relu", r))
             if self._first:
                 self.first_relu_rho[l] = r
             self._first = False
@@ -380,7 +385,7 @@ class _Walker:
             self.bn_shift[l] += (kurt - 2.0) / b
             self._first = False
         if layer.is_weight_layer:
-            self.own[l] += 2.0 / (n * b)
+            self.tape[l].append(("weight",))
         self._prev_relu = isinstance(layer, ReLU)
 
     def fresh(self):
@@ -620,7 +625,9 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
     # A first ReLU reads the stream's own signs unless a batch centring came first, or the
     # block's shortcut is a projection (the stream does not persist across it).
     rho_stream = np.where(proj, np.nan, W.first_relu_rho)
-    g_var = _grad_variance(share, W.own, rho_stream, keep, proj, n, b) + _coupling_variance(coupling)
+    own_w, kappa_g = _gradient_pair_walk(W.tape, share, keep, n)
+    g_var = (_grad_variance(share, W.own + own_w, rho_stream, keep, proj, n, b, kappa_g)
+             + _coupling_variance(coupling))
     s_arr = np.nan_to_num(np.asarray(share, dtype=np.float64)) if share is not None else np.zeros(D)
     g_shift = np.append(np.cumsum((s_arr * W.bn_shift)[::-1])[::-1], 0.0)
     skip_id = np.append(~proj & (block.skip_gain == 1.0), True)
@@ -781,20 +788,60 @@ def _coupling_variance(rows):
     return out
 
 
-def _grad_variance(share, own, rho_stream, keep, proj, n, b):
+def _gradient_pair_walk(tape, share, keep, n):
+    """The gradients' own Gram, walked backwards from the read-out: per block, the noise of
+    its transposed weight layers, and the pair mode kappa_g of the gradient at each merge
+    output (n Var / q^2 of its Gram's entries; 1 for the read-out's i.i.d. cotangents).
+
+    |W^T g|^2 over b gradients has relative variance (2/n) tr(G^2) / tr(G)^2 =
+    2/(n b) + 2 kappa_g / n^2 (gradients uncorrelated between inputs; a Monte Carlo at
+    n = b = 64 gives 3.95, 8.3 and 17.1 in units of 1/(n b) for kappa_g = 1, 3, 7). The
+    per-input 2/(n b) is counted in each ReLU's 5/b (its mask's 3/b and the Gaussian's 2/b),
+    so a weight layer adds 2 kappa_g / n^2 (2/(n b) at b = n and kappa_g = 1, the old count).
+    Backwards, a transposed weight adds its own draw (kappa + 1); a mask keeps entry (i, j)
+    with probability P2 = 1/4 + asin(rho)/(2 pi) (rho: its forward inputs' correlation),
+    so kappa -> d^2 kappa + 4 P2 (1 - P2) with d = 2 P2; normalisations and gains keep it.
+    At a merge, g_x = g_y + J^T g_y: the two parts' pair modes, their covariance (g_y's,
+    through the masks' slopes) and the cross Gram's own part 2 s (1 - s), weighted by the
+    branch's share s of the gradient. A projection's own path is taken as the skip's."""
+    D = len(tape)
+    s = np.nan_to_num(np.asarray(share, dtype=np.float64)) if share is not None else np.zeros(D)
+    own_w = np.zeros(D)
+    kappa_y = np.ones(D)  # at each merge output
+    kappa = 1.0
+    for l in range(D - 1, -1, -1):
+        kappa_y[l] = kappa
+        k, slope = kappa, 1.0
+        for item in reversed(tape[l]):
+            if item[0] == "weight":
+                own_w[l] += 2.0 * k / (n * n)
+                k += 1.0
+            else:
+                p2 = 0.25 + math.asin(item[1]) / (2.0 * math.pi)
+                d = 2.0 * p2
+                k = d * d * k + 4.0 * p2 * (1.0 - p2)
+                slope *= d
+        sl = min(max(s[l], 0.0), 1.0)
+        kappa = ((1.0 - sl) ** 2 * kappa + sl * sl * k
+                 + 2.0 * sl * (1.0 - sl) * (kappa * slope + 1.0))
+    return own_w, kappa_y
+
+
+def _grad_variance(share, own, rho_stream, keep, proj, n, b, kappa_g=None):
     """Var[ln G] at x_0 .. x_D, accumulated from the read-out backwards.
 
     Block k passes the gradient G_{k+1} back as G_{k+1} (1 + chi_k): the branch carries the
     share s_k = chi_k / (1 + chi_k) and its gain fluctuates with relative variance ``own``
     (each ReLU's mask and Gaussian: (1/n)(5/b + (1 - 1/b)(2/pi) asin rho), rho the
-    correlation between inputs of its pre-activation; each transposed weight layer 2/(n b)
-    for gradients uncorrelated between inputs; each BatchNorm's division by a per-channel
+    correlation between inputs of its pre-activation; each transposed weight layer
+    2 kappa_g / n^2, :func:`_gradient_pair_walk`; each BatchNorm's division by a per-channel
     variance 2/(n(b-1))). The cross term of the merge, 2 tr(J G) / n for the branch's
     Jacobian J and the arriving gradients' channel Gram G (tr G = n), adds
-    4 s (1 - s) tr(G^2) / n^3 = 4 s (1 - s) (1/(n b) + 1/n^2): J's entries are independent
-    with variance chi / n, and for b uncorrelated gradients tr(G^2) / n = 1 + n / b. The
-    1/(n b) is each input's own g.J.g; the 1/n^2 is tr(J) / n, which every input shares
-    (it stays at an infinite batch).
+    4 s (1 - s) tr(G^2) / n^3 = 4 s (1 - s) (1/(n b) + kappa_g / n^2): J's entries are
+    independent with variance chi / n, and for b uncorrelated gradients tr(G^2) / n =
+    n / b + kappa_g (kappa_g = 1 for Gaussian gradients). The 1/(n b) is each input's own
+    g.J.g; the kappa_g / n^2 is tr(J) / n, which every input shares (it stays at an
+    infinite batch).
 
     The masks of ReLUs that read the stream itself (``rho_stream`` finite: their input's
     correlation between inputs) persist from block to block: block k' reads
@@ -804,7 +851,8 @@ def _grad_variance(share, own, rho_stream, keep, proj, n, b):
     """
     D = len(own)
     s = np.nan_to_num(np.asarray(share, dtype=np.float64)) if share is not None else np.zeros(D)
-    inc = s * s * own + 4.0 * s * (1.0 - s) * (1.0 / (n * b) + 1.0 / (n * n))
+    kg = np.ones(D) if kappa_g is None else np.asarray(kappa_g, dtype=np.float64)
+    inc = s * s * own + 4.0 * s * (1.0 - s) * (1.0 / (n * b) + kg / (n * n))
     on_stream = np.isfinite(rho_stream) & (s > 0)
     # sqrt of the skip share between consecutive blocks: the stream's channel correlation.
     step = np.sqrt(np.clip(keep, 0.0, 1.0))
