@@ -177,6 +177,62 @@ def relu_pair_slope():
                       "2 E[1(u > 0) 1(v > 0)] = 2 (1/4 + asin(rho) / (2 pi))")
 
 
+def relu_row_mode():
+    """How one input's own deviation passes a ReLU, z ~ N(0, 1) over the channels: its
+    relative second moment a (slope 1: positive homogeneity), its mean over the channels m
+    (a shift along the all-ones direction moves the ReLU's mass: slope 2 E[relu(z)] /
+    E[relu(z)^2]), and a rest of its own, what relu(z)^2 keeps beyond its regression on z^2
+    and z. And the mean of relu(z)'s channels moves by P(z > 0) = 1/2 of a shift and by
+    E[relu(z)] / 2 of a relative size. finite._relu_row computes these at any rho by
+    quadrature; at rho = 0 they are:"""
+    z = sp.Symbol("z", real=True)
+    phi = sp.exp(-z ** 2 / 2) / sp.sqrt(2 * sp.pi)
+
+    def pos(expr):
+        return sp.integrate(expr * phi, (z, 0, sp.oo))
+    p = pos(z ** 2)                                    # q_out = 1/2
+    c1 = sp.simplify(pos(z ** 3) / p)                  # Cov[relu^2, z] / (Var z q_out)
+    spread = sp.simplify((pos(z ** 4) - p ** 2) / p ** 2)
+    cov_a = sp.simplify((pos(z ** 4) - p * 1) / p)     # Cov[relu^2, z^2] / (q_out Var-scale)
+    slope_a = sp.simplify(cov_a / 2)                   # Var[z^2] = 2
+    rest = sp.simplify(spread - 2 * slope_a ** 2 - c1 ** 2)
+    m_on_m = sp.simplify(pos(1 + 0 * z) / sp.sqrt(p))  # P(z > 0) / sqrt(q_out) per unit shift
+    m_on_a = sp.simplify(pos(z) / 2 / sp.sqrt(p))      # E[relu] / 2 / sqrt(q_out)
+    claims = ((slope_a, 1), (c1, 4 / sp.sqrt(2 * sp.pi)), (rest, 3 - 8 / sp.pi),
+              (m_on_m, 1 / sp.sqrt(2)), (m_on_a, 1 / (2 * sp.sqrt(sp.pi))))
+    for got, want in claims:
+        if sp.simplify(got - want) != 0:
+            raise AssertionError(f"relu row mode: derived {got}, expected {want}")
+    return [Derivation("d a_out / d a (ReLU, rho = 0)", slope_a, "positive homogeneity"),
+            Derivation("d a_out / d m (ReLU, rho = 0)", c1,
+                       "2 E[relu(z)] / E[relu(z)^2] = 4 / sqrt(2 pi) = 1.596"),
+            Derivation("rest of a_out (ReLU, rho = 0)", rest,
+                       "n Var of relu's own part of q_i: 5 - 2 - 8/pi = 0.454"),
+            Derivation("d m_out / (d m, d a) (ReLU, rho = 0)", (m_on_m, m_on_a),
+                       "P(z > 0) / sqrt(q_out), E[relu(z)] / (2 sqrt(q_out))")]
+
+
+def gaussian_draw_keeps_the_relu_mean():
+    """A ReLU's output correlation over a realised Gram: each input's size s_i enters as
+    sqrt(s_i s_j) F(rho_ij) (F the arc-cosine kernel, relative to q_out), so inputs whose
+    sizes spread by Var = T / n lower the mean by (T / 4n)(F - rho F') against the mean
+    Gram's rho, and correlations that spread by V / n raise it by F'' V / (2n). For channels
+    drawn afresh from a fixed Gram, T = 2 (1 - rho^2) and V = (1 - rho^2)^2 (the sample
+    correlation's variance), and the two cancel exactly: the draw leaves the mean where it
+    was (the law of a fresh weight layer's output is the kernel of its input), and only what
+    the realised Gram carries beyond a draw moves it (finite._row_shift)."""
+    rho = sp.Symbol("rho", positive=True)
+    F = (sp.sqrt(1 - rho ** 2) + (sp.pi - sp.acos(rho)) * rho) / sp.pi
+    F1, F2 = sp.diff(F, rho), sp.diff(F, rho, 2)
+    T, V = 2 * (1 - rho ** 2), (1 - rho ** 2) ** 2
+    shift = sp.simplify(-T / 4 * (F - rho * F1) + F2 * V / 2)
+    if shift != 0:
+        raise AssertionError(f"a Gaussian draw moves the ReLU's mean by {shift}")
+    return Derivation("ReLU mean shift of a Gaussian draw", shift,
+                      "-(T/4)(F - rho F') + (V/2) F'' at T = 2 (1 - rho^2), V = (1 - rho^2)^2")
+
+
 def derivations():
     return ([pattern_counts()] + relu_truncated_moments() + wishart_covariance()
-            + [relu_kurtosis()] + gram_entry_modes() + [relu_pair_slope()])
+            + [relu_kurtosis()] + gram_entry_modes() + [relu_pair_slope()] + relu_row_mode()
+            + [gaussian_draw_keeps_the_relu_mean()])

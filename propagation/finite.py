@@ -46,6 +46,21 @@ as networks measure. At a merge, the operands' entries covary (the branch is com
 from the skip operand), which adds 4 (1 - 1/b) kappa q_s q_f / n^2 to the cross term's
 variance: as large as the rest at b = n (``_merge_kappa``).
 
+What the mean Gram does not hold: each input's own deviation
+------------------------------------------------------------
+The row mode has a diagonal: each input's own second moment q_i, its mean over the channels
+and its projection on the batch mean, (a_i, m_i, u_i) relative to q (``_row_after``). A
+weight layer's output is, in law, its input's realised Gram: it keeps a and u and adds its
+own draw; a ReLU keeps a (positive homogeneity) and adds 1.596 m (a shift along the
+all-ones direction moves its mass); BatchNorm reads the centred (a - 2u) / e; a merge's cross
+term 2 s_i.f_i / n rescales each input along itself. In a BatchNorm stream the inputs' sizes
+drift apart, n Var[q_i] / q^2 = 2 -> ~30 over 100 blocks, as networks measure, because each
+branch's scale follows its input's ReLU mass and that mass follows the input's persistent
+channel mean. Inputs of unequal sizes lower a ReLU's channel mean (sqrt(s_i s_j) F(rho_ij)):
+a fresh Gaussian draw's own spread is exactly offset by its correlations' (derivations), and
+what the realised Gram carries beyond a draw shifts the mean (``_row_shift``): BatchNorm's
+channel variance at depth sits ~2.5 / n above its infinite-width value.
+
 The gradient
 ------------
 Backwards, each block multiplies the gradient by 1 + chi_l (chi_l its branch's gain): the
@@ -73,7 +88,10 @@ Approximations (stated, and measured by ``make calibrate``)
 * Negative correlations (BatchNorm's -1/(b-1)) are set to 0 in the noise terms (an O(1/b)
   change of an O(1/n) term).
 * Of a realised Gram's entry noise only the pair mode is carried; the common and row modes
-  are taken as Gaussian channels' (2 rho). The gradients' own Gram is walked backwards for
+  are taken as Gaussian channels' (2 rho) in the noise terms. Each input's own deviation
+  (a, m, u) moves the ReLUs' mean only; ScaledWS layers are taken as plain weight layers
+  there, and the channel means' common part (their mean over the channels, which every
+  ReLU reads as a shift) is not carried. The gradients' own Gram is walked backwards for
   gradients uncorrelated between inputs (``_gradient_pair_walk``), and the coupling is
   taken as independent of the branch's own backward noise.
 * The expansion is in the fluctuation over its mean: it stops where the predicted standard
@@ -347,6 +365,12 @@ class _Walker:
         # double centring leaves, see _entry_factors): (1 - rho)^2 for Gaussian channels,
         # more where realised Grams have passed through layers (they compound).
         self.kp = 0.0
+        # Each input's own deviation (the row mode), as the pair (a_i, m_i): its relative
+        # second moment q_i / q - 1 and its mean over the channels over sqrt(q), times
+        # sqrt(n). The current tensor's is rowA @ (the block input's) + a fresh part of
+        # covariance rowF; self.row_x is the block input's covariance (_row_after).
+        self.rowA, self.rowF = np.eye(3), np.zeros((3, 3))
+        self.row_x = np.zeros((3, 3))
         self.centred = False
         self.ln_inputs = {}  # block -> relative variance of q at each LayerNorm's input
         # Backward ingredients, recorded on each block's pre + branch (``record=True``): the
@@ -401,7 +425,10 @@ class _Walker:
         if isinstance(layer, Zero) or (isinstance(layer, Gain) and layer.a == 0.0):
             return None, -math.inf, 1.0
         lq_o, e_o = layer.forward(lq, e, l, MATH)
+        kp_in = self.kp
+        tau_in = float((self.rowA @ self.row_x @ self.rowA.T + self.rowF)[0, 0])
         self.kp = _pair_after(layer, self.kp, e, e_o)
+        self.rowA, self.rowF = _row_after(layer, self.rowA, self.rowF, e, e_o)
         if isinstance(layer, BatchNorm):
             # Exactly q = 1 and a zero batch mean per channel: at batch b the correlation
             # between two different inputs is -1/(b-1), not the infinite batch's 0.
@@ -416,6 +443,10 @@ class _Walker:
         out = form.map(J)
         out.mu = out.mu + shift
         rho_in = 1.0 - e
+        if isinstance(layer, (ReLUWeight, ReLU)):
+            # The realised Gram's row and pair modes move the ReLU's mean (a weight layer
+            # after it is linear: relative entries pass).
+            out.mu = out.mu + np.array([0.0, _row_shift(rho_in, tau_in, kp_in, self.n)])
         if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
             res = _noise(_grid(rho_in), self.b, "relu_centred" if centred else "relu") / self.n
             if isinstance(layer, ReLUScaledWS):
@@ -542,7 +573,7 @@ def _report(form, cx, lq, e, b):
 
 
 def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, input_noise=True,
-           _per_example=False):
+           _per_example=False, _taus=None):
     """The :class:`Spread` of a scheme's block structure (``predict(..., width=n)``):
     ``share`` and ``grad_log2`` are the infinite-width profile's gradient branch shares and
     log2 G, which the backward spread is built on."""
@@ -566,28 +597,32 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
     stream = _root(cx)
     coupling = []  # per block: d ln(backward gain) as a linear map of the sources
     kp_x = e * e if input_noise else 0.0  # the input's Gram: Gaussian channels, or exact
+    # and its inputs' own second moments and channel means (i.i.d. Gaussian channels).
+    row_x = _row_gauss(max(1.0 - e, 0.0)) if input_noise else np.zeros((3, 3))
     for l in range(D):
         coupling.append(math.log(2.0) * _gain_slope(block, plan, l, lq, e, lg_skip) @ stream)
         x = _Form({"x": np.eye(2)}, mux.copy())
         W.start_block()
-        W.kp = kp_x
+        if _taus is not None:
+            _taus.append(row_x.copy())
+        W.kp, W.row_x, W.rowA, W.rowF = kp_x, row_x, np.eye(3), np.zeros((3, 3))
         p, lq_p, e_p = W.chain(block.pre, x, lq, e, l, cx, stream_centred, record=True)
-        pre_centred, kp_p = W.centred, W.kp
+        pre_centred, kp_p, row_p = W.centred, W.kp, (W.rowA, W.rowF)
         f, lq_b, e_b = W.chain(block.branch, p, lq_p, e_p, l, cx, pre_centred, record=True)
-        kp_f = W.kp
+        kp_f, row_f = W.kp, (W.rowA, W.rowF)
         if proj[l]:
-            W.kp = kp_p
+            W.kp, (W.rowA, W.rowF) = kp_p, row_p
             s, lq_s, e_s = W.chain(block.projection, p, lq_p, e_p, l, cx, pre_centred)
-            kp_s = W.kp
+            kp_s, row_s = W.kp, (W.rowA, W.rowF)
         else:
             s, lq_s, e_s = x, lq + lg_skip, e
-            kp_s = kp_x
+            kp_s, row_s = kp_x, (np.eye(3), np.zeros((3, 3)))
         pair_sf, all_sf = _merge_kappa(block, plan, l, lq, e, kp_p if proj[l] else kp_x)
         (sk_m[:, l], sk_s[:, l]) = _report(s, cx, lq_s, e_s, b)
         (br_m[:, l], br_s[:, l]) = _report(f, cx, lq_b, e_b, b)
         if f is None or lq_b == -math.inf:
             y, lq_y, e_y = s, lq_s, e_s
-            kp_y = kp_s
+            kp_y, row_y = kp_s, row_s
         else:
             q_s, q_b = 2.0 ** lq_s, 2.0 ** lq_b
             lq_y = math.log2(q_s + q_b) if np.isfinite(lq_s) else lq_b
@@ -602,12 +637,19 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
             # (1/n) sum_c (s_ic f_jc + f_ic s_jc), whose own pair part is 2 e_s e_b q_s q_f.
             kp_y = (ws * ws * kp_s + wb * wb * kp_f
                     + 2.0 * ws * wb * (pair_sf + e_s * e_b) if np.isfinite(lq_s) else kp_f)
+            # Each input's own deviation: a_i mixes by the operands' shares of q, the channel
+            # mean m_i (linear in the tensor) by their square roots; the cross term
+            # 2 s_i.f_i / n rescales each input along itself by its own draw (the part
+            # every input shares, rho_s rho_f, is c's).
+            row_y = (_row_merge(row_s, ws, row_f, wb, e_s, e_b) if np.isfinite(lq_s)
+                     else _row_merge(row_f, 1.0, row_f, 0.0, e_b, e_b))
             keep[l] = 0.0 if proj[l] else ws
         if l == D - 1:
             (sk_m[:, D], sk_s[:, D]) = _report(y, cx, lq_y, e_y, b)
-        W.kp = kp_y
+        W.kp, (W.rowA, W.rowF) = kp_y, row_y
         y, lq, e = W.chain(block.post, y, lq_y, e_y, l, cx)
         stream_centred, kp_x = W.centred, W.kp
+        row_x = W.rowA @ row_x @ W.rowA.T + W.rowF
         if y is not None:
             stream = np.hstack([y.cols["x"] @ stream if "x" in y.cols else np.zeros_like(stream)]
                                + [v for k, v in y.cols.items() if k != "x"])
@@ -718,6 +760,137 @@ def _pair_after(layer, kp, e, e_o):
     if layer.is_weight_layer:
         kp = kp + e_o * e_o
     return kp
+
+
+def _row_gauss(rho):
+    """n Cov of an input's own (a_i, m_i, u_i) (see _Walker.rowA) for Gaussian channels of
+    correlation rho drawn afresh: a 2 (1 - rho^2), m 1 - rho, u rho (1 - rho), and
+    Cov[a, u] = 2 rho (1 - rho) (the part of q_i along the batch mean)."""
+    return np.array([[2.0 * (1.0 - rho * rho), 0.0, 2.0 * rho * (1.0 - rho)],
+                     [0.0, 1.0 - rho, 0.0],
+                     [2.0 * rho * (1.0 - rho), 0.0, rho * (1.0 - rho)]])
+
+
+@lru_cache(maxsize=4096)
+def _relu_row(rho):
+    """How a ReLU on Gaussian channels of correlation rho maps each input's own deviation
+    (a, m, u) (see _Walker.rowA): (B, R), its output's = B @ its input's + a fresh part of
+    covariance R / n.
+
+    Given the common factor g a channel's values are i.i.d., z = sqrt(rho) g + s e
+    (s = sqrt(1 - rho)); an input's (a, m, u) and its output's are sums over channels of
+    per-channel terms, a: 2 sqrt(rho) s g e + s^2 (e^2 - 1), m: s e, u: sqrt(rho) g s e, and
+    for h = relu(z) (relu^2 - E)/p, (relu - E)/sqrt(p), (relu - E) E[relu | g]/p (p = q_out,
+    the batch mean of channel c being E[relu | g_c]). B is the regression of the output's
+    on the input's, R what is left: at rho = 0, a_out = a + 1.596 m + a rest of 0.454 / n
+    (derivations/finite_width.py): shifting an input along the all-ones direction moves the
+    ReLU's mass, 2 E[relu(z)] / q_out = 4 / sqrt(2 pi)."""
+    rho = min(max(rho, 0.0), 1.0 - 1e-9)
+    g = _G
+    mu, s = math.sqrt(rho) * g, math.sqrt(1.0 - rho)
+    M1, M2, M3, M4 = _relu_powers(mu, s)
+    p = float(np.dot(_W, M2))
+    # E[e relu^k | g] and E[(e^2 - 1) relu^k | g], k = 1, 2, from the truncated moments
+    # (relu^k (z - mu) = relu^(k+1) - mu relu^k for k >= 1).
+    Ms = {1: M1, 2: M2, 3: M3, 4: M4}
+
+    def e1(k):
+        return (Ms[k + 1] - mu * Ms[k]) / s
+
+    def e2(k):
+        return (Ms[k + 2] - 2.0 * mu * Ms[k + 1] + mu * mu * Ms[k]) / (s * s) - Ms[k]
+    # Output terms Y_j = w_j (relu^k_j - M_k_j), with k_j = 2, 1, 1 and weights:
+    ks = (2, 1, 1)
+    ws = (np.full_like(g, 1.0 / p), np.full_like(g, 1.0 / math.sqrt(p)), M1 / p)
+    sq = math.sqrt(rho) * s
+    cxx = np.array([[np.dot(_W, 4.0 * rho * s * s * g * g + 2.0 * s ** 4), 0.0,
+                     np.dot(_W, 2.0 * rho * s * s * g * g)],
+                    [0.0, s * s, 0.0],
+                    [np.dot(_W, 2.0 * rho * s * s * g * g), 0.0, np.dot(_W, rho * s * s * g * g)]])
+    cxy = np.zeros((3, 3))
+    for j, (k, w) in enumerate(zip(ks, ws)):
+        ey, eyy = e1(k), e2(k)
+        cxy[0, j] = np.dot(_W, w * (2.0 * sq * g * ey + s * s * eyy))
+        cxy[1, j] = np.dot(_W, w * s * ey)
+        cxy[2, j] = np.dot(_W, w * sq * g * ey)
+    cyy = np.zeros((3, 3))
+    for i, (ki, wi) in enumerate(zip(ks, ws)):
+        for j, (kj, wj) in enumerate(zip(ks, ws)):
+            cyy[i, j] = np.dot(_W, wi * wj * (Ms[ki + kj] - Ms[ki] * Ms[kj]))
+    B = cxy.T @ np.linalg.pinv(cxx, rcond=1e-10)
+    R = cyy - B @ cxy
+    return B, 0.5 * (R + R.T)
+
+
+def _row_after(layer, A, F, e, e_o):
+    """Each input's own deviation (a_i, m_i, u_i) after ``layer`` (see _Walker.rowA): the
+    map A from the block input's and the covariance F of the parts drawn since, at input /
+    output states e, e_o (1 - rho).
+
+    * BatchNorm reads each input's centred second moment, (q a - 2 q u) / v, and leaves a
+      zero batch mean (u = 0); m is relative to sqrt(v). Gains keep all three.
+    * LayerNorm divides each input by its own norm and centres it: a = m = 0, and the
+      input's correlation with the batch mean loses its size's part, u - rho a / 2.
+    * A ReLU maps them by the regression of _relu_row and adds its rest.
+    * A fresh weight layer keeps a and u (its output's Gram is its input's in law) and
+      adds its own draw over the channels (_row_gauss); its channel means are a fresh
+      draw (the mean of its rows times each input)."""
+    rho = max(1.0 - e, 0.0)
+    if isinstance(layer, (Gain, BlockGain)):
+        return A, F
+    if isinstance(layer, LayerNorm):
+        L = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-0.5 * rho, 0.0, 1.0]])
+        return L @ A, L @ F @ L.T
+    if isinstance(layer, BatchNorm):
+        ee = max(e, 1e-12)
+        L = np.array([[1.0 / ee, 0.0, -2.0 / ee], [0.0, 1.0 / math.sqrt(ee), 0.0], [0.0, 0.0, 0.0]])
+        return L @ A, L @ F @ L.T
+    if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
+        B, R = _relu_row(_grid(rho))
+        A, F = B @ A, B @ F @ B.T + R
+    if layer.is_weight_layer:
+        P = np.diag([1.0, 0.0, 1.0])
+        A, F = P @ A, P @ F @ P.T + _row_gauss(max(1.0 - e_o, 0.0))
+    return A, F
+
+
+def _row_merge(row_s, ws, row_f, wb, e_s, e_b):
+    """The merge's (A, F) (see _row_after) from its operands' at shares ws, wb of q: a and
+    u mix by the shares, m (linear in the tensor) by their square roots; the cross term
+    2 s.f / n adds, per input, 4 ws wb (1 - rho_s rho_f) to a (the part every input shares
+    is c's), and the operands' batch means add k = (1 - rho_s) rho_f + rho_s (1 - rho_f) to
+    u (and 2 k to its covariance with a), times ws wb."""
+    (As, Fs), (Af, Ff) = row_s, row_f
+    Ls = np.diag([ws, math.sqrt(ws), ws])
+    Lf = np.diag([wb, math.sqrt(wb), wb])
+    rs, rb = max(1.0 - e_s, 0.0), max(1.0 - e_b, 0.0)
+    k = (1.0 - rs) * rb + rs * (1.0 - rb)
+    cross = ws * wb * np.array([[4.0 * (1.0 - rs * rb), 0.0, 2.0 * k],
+                                [0.0, 0.0, 0.0],
+                                [2.0 * k, 0.0, k]])
+    return Ls @ As + Lf @ Af, Ls @ Fs @ Ls.T + Lf @ Ff @ Lf.T + cross
+
+
+def _row_shift(rho, tau, kp, n):
+    """The mean shift of a ReLU's output correlation, dc / q_out, from the realised Gram of
+    its input: its inputs' own second moments spread by tau / n, and its correlations by
+    V = (kp + (1 - rho)^2 (2 rho + rho^2)) / n (the pair mode and, Gaussian, the rows').
+
+    With F(rho) the arc-cosine kernel (c_out / q_out), an input of relative size s_i enters
+    c_out as sqrt(s_i s_j) F(rho_ij): E sqrt(s_i s_j) = 1 - tau / (4 n) at fixed rho_ij,
+    while the mean Gram's rho (what the walk carries) moves by the same factor; and F'' /2 V.
+    For Gaussian channels drawn from a fixed Gram (tau = 2 (1 - rho^2), kp = (1 - rho)^2)
+    the two cancel exactly (derivations/finite_width.py): a draw's own noise leaves the
+    ReLU's mean where it was. What is left is what the realised Gram carries beyond that:
+    in a BatchNorm stream the inputs' sizes drift apart block by block (tau 2 -> 35 over
+    100 blocks at width 256, measured), which lowers every later branch's channel mean."""
+    rho = min(max(rho, 0.0), 1.0 - 1e-9)
+    s = math.sqrt(1.0 - rho * rho)
+    F = (s + (math.pi - math.acos(rho)) * rho) / math.pi
+    F1 = (math.pi - math.acos(rho)) / math.pi
+    F2 = 1.0 / (math.pi * s)
+    V = kp + (1.0 - rho) ** 2 * (2.0 * rho + rho * rho)
+    return (-0.25 * tau * (F - rho * F1) + 0.5 * F2 * V) / n
 
 
 def _merge_kappa(block, plan, l, lq, e, kp):

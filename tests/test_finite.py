@@ -348,3 +348,88 @@ def test_a_transposed_weight_layers_noise_grows_with_the_gradients_gram(mixes):
     # Backwards: the last weight sees kappa 1, then +1 and a mask at rho = 0 (d = 1/2,
     # 4 P2 (1 - P2) = 3/4): 2/4 + 3/4 = 1.25 at the first weight.
     assert own_w[0] == pytest.approx(2.0 * (1.0 + 1.25) / n ** 2)
+
+
+# --- each input's own deviation (the row mode) ----------------------------------------------
+
+def test_the_relu_row_map_is_the_derived_one():
+    # At rho = 0 the quadrature reproduces derivations/finite_width.py's closed forms (the
+    # g grid's trapezoid rule is exact to ~1e-12 here; 1e-6 leaves room); at any rho a
+    # relative size passes with slope 1: positive homogeneity, exactly, whatever the split
+    # of a scaled input into (a, m, u) = (2 d, 0, rho d).
+    B, R = finite._relu_row(0.0)
+    assert B[0] == pytest.approx([1.0, 4.0 / math.sqrt(2.0 * math.pi), 0.0], abs=1e-6)
+    assert B[1, :2] == pytest.approx([1.0 / (2.0 * math.sqrt(math.pi)), math.sqrt(0.5)], abs=1e-6)
+    assert R[0, 0] == pytest.approx(3.0 - 8.0 / math.pi, abs=1e-6)
+    for rho in (0.2, 0.5, 0.8):
+        B, _ = finite._relu_row(rho)
+        assert float(B[0] @ np.array([2.0, 0.0, rho])) == pytest.approx(2.0, abs=1e-6)
+
+
+def _row_stats(scheme, depth, width, seed, **params):
+    """n Var[a_i], n Var[m_i], n Cov[a_i, m_i] of every block input of one network."""
+    torch.manual_seed(seed)
+    model = nets.residual_mlp(depth, width=width, scheme=scheme, **params)
+    xs = []
+    for blk in model.blocks:
+        blk.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach().double()))
+    x = torch.randn(width, width, generator=torch.Generator().manual_seed(10_000 + seed))
+    with torch.no_grad():
+        model(x)
+    out = []
+    for t in xs:
+        q = (t ** 2).mean()
+        a = (t ** 2).mean(1) / q - 1.0
+        m = t.mean(1) / q.sqrt()
+        a, m = a - a.mean(), m - m.mean()
+        out.append([width * float((a * a).mean()), width * float((m * m).mean()),
+                    width * float((a * m).mean())])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("scheme", ["batchnorm", "none", "layernorm"])
+def test_each_inputs_own_deviation_matches_networks(scheme):
+    # The spread of the inputs' own second moments grows block by block (merges' cross
+    # terms, and each branch's scale following its input's ReLU mass, which a shift of the
+    # input's channel mean moves: 1.596 per unit). At block 5 (width 128, 24 seeds) the
+    # walk's (a, m) covariance must match the networks'. Tolerance: a variance estimated
+    # from b = 128 inputs has relative standard error sqrt(2 / b) = 0.125 per seed, 0.026
+    # over 24 seeds; 4 of those (10%), and 0.1 absolute for the covariance (its own
+    # standard error is ~0.02). Without the channel mean's share the `none` net's spread
+    # comes out 30% low (13.5 against 19.5).
+    from propagation.predict import _setup
+    depth, width, seeds = 6, 128, 24
+    meas = np.mean([_row_stats(scheme, depth, width, s) for s in range(seeds)], axis=0)
+    st = _setup(depth, scheme, None, True, 2, 1.0, 0.0, None, 1.0, {})
+    rows = []
+    finite.spread(st.block, st.plan, st.q0, st.m0, width, width, _taus=rows)
+    theory = np.array([[r[0, 0], r[1, 1], r[0, 1]] for r in rows])
+    assert theory[-1, 0] == pytest.approx(meas[-1, 0], rel=0.10), (theory[-1], meas[-1])
+    assert theory[-1, 1] == pytest.approx(meas[-1, 1], rel=0.10), (theory[-1], meas[-1])
+    assert abs(theory[-1, 2] - meas[-1, 2]) <= 0.1 + 0.1 * abs(meas[-1, 2]), (theory[-1], meas[-1])
+
+
+def test_the_row_mode_moves_the_batchnorm_branch_mean():
+    # In a BatchNorm stream the inputs' sizes drift apart (n Var 2 -> ~30 over 100 blocks),
+    # and a ReLU reading inputs of unequal sizes has a smaller channel mean: the branch's
+    # channel variance sits above the infinite-width value by ~2.5/n. Measured over blocks
+    # 10-29 of a width-128 net (32 seeds), the mean of ln v must be within 3 standard errors
+    # of the predicted median, and more than 3 from the infinite-width mean (so that the
+    # effect is resolved and the test can fail).
+    depth, width, seeds = 30, 128, 32
+    th = P.predict(depth, "batchnorm", width=width, batch=width, input_second_moment=1.0,
+                   input_squared_mean=0.0)
+    blocks = slice(10, 30)
+    pred = float(np.mean(th.quantile(0.5).branch.log2_variance[blocks])) * math.log(2)
+    inf = float(np.mean(th.branch.log2_variance[blocks])) * math.log(2)
+    vals = []
+    for s in range(seeds):
+        torch.manual_seed(s)
+        model = nets.residual_mlp(depth, width=width, scheme="batchnorm")
+        x = torch.randn(width, width, generator=torch.Generator().manual_seed(10_000 + s))
+        m = P.measure(model, x, progress=False)
+        vals.append(float(np.mean(m.branch.log2_variance[blocks])) * math.log(2))
+    vals = np.array(vals)
+    se = vals.std(ddof=1) / math.sqrt(seeds)
+    assert abs(vals.mean() - pred) <= 3 * se, (vals.mean(), pred, inf, se)
+    assert abs(vals.mean() - inf) > 3 * se, (vals.mean(), pred, inf, se)
