@@ -7,7 +7,8 @@ the share of (seed, block) values inside the predicted 90% band (``predict(...,
 width=n, batch=b).quantile(0.05)`` to ``.quantile(0.95)``), which should be 85-95%, and the
 worst distance between the measured and the predicted median at width 256, against the
 5% target where 64 seeds resolve it (the standard error of a median is 1.25 sigma / sqrt(S)).
-Positions where the theory marks itself invalid (sigma above 0.5 nats) are counted apart.
+Positions where the theory marks itself invalid (sigma above 0.5 nats) are counted apart, and
+positions it predicts without spread (a normalisation's own output) are checked as exact.
 
 Conv nets: every gate scheme on the gate's convolutional ResNet-V2 (width 32, two stages)
 at 10 and 30 blocks on 8 x 3 x 16 x 16 batches, the same 64 seeds: the position theory's
@@ -244,8 +245,14 @@ def score(task, data):
         a, b, c = get(lo), get(hi), get(med)
         sig = getattr(th.spread.part(part)[1], f"log2_{q}") * math.log(2)
         ok = np.isfinite(a) & np.isfinite(b) & valid & np.isfinite(meas).all(axis=0)
-        if scheme in ("fixup",) or (scheme == "skipinit" and params.get("alpha") == 0.0):
-            ok &= sig > 0  # a branch that is exactly zero: nothing random to cover
+        # A prediction without spread (a normalisation's own output, LayerNorm's q = 1) has
+        # no band to cover: it is checked as exact instead, to LayerNorm's eps (1e-5 of a
+        # variance of order one) and float32 sums over a few hundred channels (~1e-6):
+        # 1e-4 in log2 leaves ten times that.
+        exact = ok & (sig == 0)
+        ok &= sig > 0
+        with np.errstate(invalid="ignore"):
+            exact_within = (np.abs(meas - c) <= 1e-4)[:, exact]
         # float32 sums over a few hundred channels: ~1e-6 relative; 1e-5 in log2.
         inside = (meas >= a - 1e-5) & (meas <= b + 1e-5)
         n_ok = int(ok.sum())
@@ -262,6 +269,8 @@ def score(task, data):
         rows.append({"scheme": scheme + "".join(f"-{k}{v}" for k, v in params.items()),
                      "width": width, "depth": depth, "part": part, "quantity": q,
                      "coverage": cover, "positions": n_ok, "invalid": int((~valid).sum()),
+                     "exact": int(exact.sum()),
+                     "exact_within": float(exact_within.mean()) if exact.any() else math.nan,
                      "median_worst": worst, "median_worst_resolved": worst_res,
                      "median_worst_in_se": excess})
     return rows
@@ -337,6 +346,10 @@ def sharpness(gains, seeds=3, workers=2):
     return out
 
 
+def _name(r):
+    return f"{r['scheme']} {r['part']}/{SHORT[r['quantity']]}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/out")
@@ -370,6 +383,14 @@ def main(argv=None):
             r = rs[(p, q)]
             cells.append("–" if not r["positions"] else f"{100 * r['coverage']:.0f}%")
         lines.append(f"| {s} | {w} | {d} | " + " | ".join(cells) + " |")
+    exact = [r for r in rows if r["exact"]]
+    if exact:
+        worst = min(r["exact_within"] for r in exact)
+        lines += ["", f"Positions predicted without spread (a normalisation's own output): "
+                  f"{sum(r['exact'] for r in exact)} (scheme, width, depth, quantity, block) "
+                  f"checked as exact instead of covered; the share within 1e-4 log2 of the "
+                  f"prediction is {100 * worst:.0f}% at worst "
+                  f"({', '.join(sorted({_name(r) for r in exact}))})."]
     lines += ["", "Worst |measured median - predicted median| (nats) at width 256, over positions "
               "where 2 standard errors resolve 5% (in brackets: over all valid positions, and "
               "the worst in standard errors).", ""]
