@@ -475,17 +475,6 @@ def _backward(tape, h):
 
 def predict_positions(block, plan, geometry, input_second_moment=1.0, input_squared_mean=0.0,
                       progress=False):
-    """See :func:`_predict_positions`; a map this theory does not have (a ReLU of an input
-    with a channel mean) is a GeometryError too: the network does not fit the theory."""
-    try:
-        return _predict_positions(block, plan, geometry, input_second_moment,
-                                  input_squared_mean, progress)
-    except NotImplementedError as err:
-        raise GeometryError(str(err)) from None
-
-
-def _predict_positions(block, plan, geometry, input_second_moment=1.0, input_squared_mean=0.0,
-                       progress=False):
     """A scheme's profile on a convolutional network, every map position by position.
 
     ``block`` and ``plan`` are the scheme's (``propagation.schemes``); ``geometry`` is the
@@ -503,7 +492,21 @@ def _predict_positions(block, plan, geometry, input_second_moment=1.0, input_squ
     the same of block 0's input; "grad" (D + 1,) the squared gradient norm relative to the
     last merge's sum; "share" (D,) the part of each block input's gradient that came
     through the branch.
+
+    Raises GeometryError where the network does not fit the theory: a map it does not have
+    (a ReLU reading an input with a channel mean, a stem op other than conv, ReLU and
+    BatchNorm).
     """
+    try:
+        return _predict_positions(block, plan, geometry, input_second_moment,
+                                  input_squared_mean, progress)
+    except NotImplementedError as err:
+        raise GeometryError(str(err)) from None
+
+
+def _predict_positions(block, plan, geometry, input_second_moment=1.0, input_squared_mean=0.0,
+                       progress=False):
+    """:func:`predict_positions`, raising NotImplementedError where a map is missing."""
     n, _, h, w = (int(v) for v in geometry["input_shape"])
     state = Population.iid((h, w), n)
     for spec in geometry.get("stem", ()):
