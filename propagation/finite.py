@@ -380,10 +380,11 @@ class _Walker:
         # double centring leaves, see _entry_factors): (1 - rho)^2 for Gaussian channels,
         # more where realised Grams have passed through layers (they compound).
         self.kp = 0.0
-        # Each input's own deviation (the row mode), as the pair (a_i, m_i): its relative
-        # second moment q_i / q - 1 and its mean over the channels over sqrt(q), times
-        # sqrt(n). The current tensor's is rowA @ (the block input's) + a fresh part of
-        # covariance rowF; self.row_x is the block input's covariance (_row_after).
+        # Each input's own deviation (the row mode), as (a_i, m_i, u_i): its relative second
+        # moment q_i / q - 1, its mean over the channels over sqrt(q), and its projection on
+        # the batch mean over q ((x_i - x-bar).x-bar / (n q)), times sqrt(n). The current
+        # tensor's is rowA @ (the block input's) + a fresh part of covariance rowF;
+        # self.row_x is the block input's covariance (_row_after).
         self.rowA, self.rowF = np.eye(3), np.zeros((3, 3))
         self.row_x = np.zeros((3, 3))
         # The channel means' mean over the channels, over sqrt(q) (every input's shift

@@ -366,8 +366,8 @@ def test_the_relu_row_map_is_the_derived_one():
         assert float(B[0] @ np.array([2.0, 0.0, rho])) == pytest.approx(2.0, abs=1e-6)
 
 
-def _row_stats(scheme, depth, width, seed, **params):
-    """n Var[a_i], n Var[m_i], n Cov[a_i, m_i] of every block input of one network."""
+def _block_inputs(scheme, depth, width, seed, **params):
+    """Every block input of one residual MLP (seeded weights and inputs), then its output."""
     torch.manual_seed(seed)
     model = nets.residual_mlp(depth, width=width, scheme=scheme, **params)
     xs = []
@@ -375,9 +375,14 @@ def _row_stats(scheme, depth, width, seed, **params):
         blk.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach().double()))
     x = torch.randn(width, width, generator=torch.Generator().manual_seed(10_000 + seed))
     with torch.no_grad():
-        model(x)
+        xs.append(model(x).double())
+    return xs
+
+
+def _row_stats(scheme, depth, width, seed, **params):
+    """n Var[a_i], n Var[m_i], n Cov[a_i, m_i] of every block input of one network."""
     out = []
-    for t in xs:
+    for t in _block_inputs(scheme, depth, width, seed, **params)[:-1]:
         q = (t ** 2).mean()
         a = (t ** 2).mean(1) / q - 1.0
         m = t.mean(1) / q.sqrt()
@@ -437,16 +442,8 @@ def test_the_row_mode_moves_the_batchnorm_branch_mean():
 
 def _channel_mean_stats(scheme, depth, width, seed, **params):
     """Per block input: the channel means' mean over the channels over sqrt(q), and ln v."""
-    torch.manual_seed(seed)
-    model = nets.residual_mlp(depth, width=width, scheme=scheme, **params)
-    xs = []
-    for blk in model.blocks:
-        blk.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach().double()))
-    x = torch.randn(width, width, generator=torch.Generator().manual_seed(10_000 + seed))
-    with torch.no_grad():
-        xs.append(model(x).double())
     out = []
-    for t in xs:
+    for t in _block_inputs(scheme, depth, width, seed, **params):
         q, mean = (t ** 2).mean(), t.mean(0)
         out.append([float(mean.mean() / q.sqrt()), math.log(float(q - (mean ** 2).mean()))])
     return np.array(out)
