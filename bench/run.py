@@ -434,8 +434,9 @@ def finite_table(quick):
                 propagation.predict(d, scheme)
 
             def spread(d=d, scheme=scheme):
-                finite._channel_covariance.cache_clear()
-                finite._noise.cache_clear()
+                for cached in (finite._channel_covariance, finite._noise, finite._relu_pair,
+                               finite._relu_row):
+                    cached.cache_clear()
                 propagation.predict(d, scheme, width=width, batch=width)
 
             def measured(model=model, x=x, dtype=dtype):
