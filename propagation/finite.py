@@ -121,9 +121,11 @@ import numpy as np
 
 from .layers import (MATH, BatchNorm, BlockGain, Gain, LayerNorm, ReLU, ReLUScaledWS, ReLUWeight, Zero,
                      backward_gain, run)
+from . import kernels
 from .profile import Stats
 
 LN2 = math.log(2.0)
+_RELUS = (ReLUWeight, ReLUScaledWS, ReLU)  # the layers that start with a ReLU
 _VALID_SIGMA = 0.5  # nats: beyond this the second-order expansion in the fluctuation is indicative only
 _VALID_SHIFT = 0.1  # nats: the largest first-order finite-batch shift of G that is trusted
 #: Kurtosis of relu(z), z ~ N(0, 1): E[(r - E r)^4] / Var[r]^2, derived in derivations/finite_width.py.
@@ -413,7 +415,7 @@ class _Walker:
     def _record(self, layer, e, l):
         """The backward ingredients of ``layer`` at input correlation 1 - e, block l."""
         n, b = self.n, self.b
-        if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
+        if isinstance(layer, _RELUS):
             r = min(max(1.0 - e, 0.0), 1.0)
             self.own[l] += (5.0 / b + (1.0 - 1.0 / b) * (2.0 / math.pi) * math.asin(r)) / n
             self.tape[l].append(("relu", r))
@@ -477,11 +479,11 @@ class _Walker:
             # The realised Gram's row and pair modes move the ReLU's mean (a weight layer
             # after it is linear: relative entries pass).
             out.mu = out.mu + np.array([0.0, _row_shift(rho_in, tau_in, kp_in, self.n)])
-        if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)) and muf_in.cols:
+        if isinstance(layer, _RELUS) and muf_in.cols:
             # An input shifted along the all-ones direction moves the ReLU's mass: its
             # output's (q, c) follow the channel means' common part.
             out = _Form.combine(out, 1.0, muf_in.map(_relu_shift_slope(layer, rho_in)), 1.0)
-        if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
+        if isinstance(layer, _RELUS):
             # Its own noise: the part linear in the channels' common factors is the response
             # to their mean over the channels, which the channel means' form carries (and
             # which persists along the stream): left out here, as after a LayerNorm.
@@ -611,7 +613,7 @@ def _report(form, cx, lq, e, b):
 
 
 def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, input_noise=True,
-           _per_example=False, _taus=None):
+           _per_example=False, _inputs=None):
     """The :class:`Spread` of a scheme's block structure (``predict(..., width=n)``):
     ``share`` and ``grad_log2`` are the infinite-width profile's gradient branch shares and
     log2 G, which the backward spread is built on."""
@@ -648,8 +650,8 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
         x = _Form({"x": np.eye(2, 3)}, mux.copy())
         mu_x = _Form({"x": np.array([[0.0, 0.0, 1.0]])}, np.zeros(1))
         W.start_block()
-        if _taus is not None:
-            _taus.append((row_x.copy(), cx.copy()))
+        if _inputs is not None:  # each block input's (row covariance, fluctuation covariance)
+            _inputs.append((row_x.copy(), cx.copy()))
         W.kp, W.row_x, W.rowA, W.rowF, W.muf = kp_x, row_x, np.eye(3), np.zeros((3, 3)), mu_x
         p, lq_p, e_p = W.chain(block.pre, x, lq, e, l, cx, stream_centred, record=True)
         pre_centred, kp_p, row_p, mu_p = W.centred, W.kp, (W.rowA, W.rowF), W.muf
@@ -800,7 +802,7 @@ def _pair_after(layer, kp, e, e_o):
         return kp / max(e, 1e-12) ** 2
     if isinstance(layer, (Gain, BlockGain, LayerNorm)):
         return kp
-    if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
+    if isinstance(layer, _RELUS):
         d, pair = _relu_pair(_grid(1.0 - e))
         kp = d * d * kp + pair - d * d * e * e
         if isinstance(layer, ReLUScaledWS):
@@ -851,10 +853,8 @@ def _relu_row(rho):
     ks = (2, 1, 1)
     ws = (np.full_like(g, 1.0 / p), np.full_like(g, 1.0 / math.sqrt(p)), M1 / p)
     sq = math.sqrt(rho) * s
-    cxx = np.array([[np.dot(_W, 4.0 * rho * s * s * g * g + 2.0 * s ** 4), 0.0,
-                     np.dot(_W, 2.0 * rho * s * s * g * g)],
-                    [0.0, s * s, 0.0],
-                    [np.dot(_W, 2.0 * rho * s * s * g * g), 0.0, np.dot(_W, rho * s * s * g * g)]])
+    # The input's own covariance: Gaussian channels' (E_g g^2 = 1).
+    cxx = _row_gauss(rho)
     cxy = np.zeros((3, 3))
     for j, (k, w) in enumerate(zip(ks, ws)):
         ey, eyy = e1(k), e2(k)
@@ -893,7 +893,7 @@ def _row_after(layer, A, F, e, e_o):
         ee = max(e, 1e-12)
         L = np.array([[1.0 / ee, 0.0, -2.0 / ee], [0.0, 1.0 / math.sqrt(ee), 0.0], [0.0, 0.0, 0.0]])
         return L @ A, L @ F @ L.T
-    if isinstance(layer, (ReLUWeight, ReLUScaledWS, ReLU)):
+    if isinstance(layer, _RELUS):
         B, R = _relu_row(_grid(rho))
         A, F = B @ A, B @ F @ B.T + R
     if layer.is_weight_layer:
@@ -933,10 +933,9 @@ def _row_shift(rho, tau, kp, n):
     in a BatchNorm stream the inputs' sizes drift apart block by block (tau 2 -> 35 over
     100 blocks at width 256, measured), which lowers every later branch's channel mean."""
     rho = min(max(rho, 0.0), 1.0 - 1e-9)
-    s = math.sqrt(1.0 - rho * rho)
-    F = (s + (math.pi - math.acos(rho)) * rho) / math.pi
-    F1 = (math.pi - math.acos(rho)) / math.pi
-    F2 = 1.0 / (math.pi * s)
+    F = float(kernels.kappa(rho))
+    F1 = 0.5 + math.asin(rho) / math.pi        # F' (Price's theorem; as _relu_pair)
+    F2 = 1.0 / (math.pi * math.sqrt(1.0 - rho * rho))
     V = kp + (1.0 - rho) ** 2 * (2.0 * rho + rho * rho)
     return (-0.25 * tau * (F - rho * F1) + 0.5 * F2 * V) / n
 

@@ -407,7 +407,7 @@ def test_each_inputs_own_deviation_matches_networks(scheme):
     meas = np.mean([_row_stats(scheme, depth, width, s) for s in range(seeds)], axis=0)
     st = _setup(depth, scheme, None, True, 2, 1.0, 0.0, None, 1.0, {})
     rows = []
-    finite.spread(st.block, st.plan, st.q0, st.m0, width, width, _taus=rows)
+    finite.spread(st.block, st.plan, st.q0, st.m0, width, width, _inputs=rows)
     theory = np.array([[r[0, 0], r[1, 1], r[0, 1]] for r, _ in rows])
     assert theory[-1, 0] == pytest.approx(meas[-1, 0], rel=0.10), (theory[-1], meas[-1])
     assert theory[-1, 1] == pytest.approx(meas[-1, 1], rel=0.10), (theory[-1], meas[-1])
@@ -464,7 +464,7 @@ def test_the_channel_means_common_part_drives_the_unnormalised_spread(scheme, pa
     meas = np.stack([_channel_mean_stats(scheme, depth, width, s, **params) for s in range(seeds)])
     st = _setup(depth, scheme, None, True, 2, 1.0, 0.0, None, 1.0, params)
     rows = []
-    finite.spread(st.block, st.plan, st.q0, st.m0, width, width, _taus=rows)
+    finite.spread(st.block, st.plan, st.q0, st.m0, width, width, _inputs=rows)
     mu_sd = np.array([math.sqrt(cx[2, 2]) for _, cx in rows])
     for blk in (10, 20, 29):
         sd = meas[:, blk, 0].std(ddof=1)
