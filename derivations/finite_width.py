@@ -232,7 +232,99 @@ def gaussian_draw_keeps_the_relu_mean():
                       "-(T/4)(F - rho F') + (V/2) F'' at T = 2 (1 - rho^2), V = (1 - rho^2)^2")
 
 
+def realised_gram_traces(bs=range(2, 6)):
+    """The noise a realised Gram adds to a weight layer's (Y, Z) covariance (finite._wishart)
+    and to a merge's cross term (finite.Walker.cross): E tr(d d'), E (d 1).(d' 1) and
+    E (1'd 1)(1'd' 1) for two noise arrays d, d' over b inputs whose entries fluctuate by
+    exchangeable modes, d_ij = gamma + r_i + r_j + p_ij (i != j), d_ii = gamma + d_i, with
+    covariances Cov[gamma, gamma'] = vc, Cov[r_i, r_i'] = vr, Cov[p_ij, p_ij'] = vp,
+    Cov[d_i, d_i'] = tau, Cov[d_i, r_i'] = Cov[r_i, d_i'] = c and all else independent.
+    Expanded for b = 2..5 and compared with the closed forms finite._gram_noise evaluates
+    (times b^2, b^3, b^4). Then the channel variance's part: for Gaussian channels
+    (vc, vr, vp, tau, c) = (2 rho^2, rho (1 - rho), (1 - rho)^2, 2 (1 - rho^2), 2 rho (1 - rho))
+    the noise of Var[Y - Z] is of order (1 - rho)^2: a variance's relative noise stays
+    finite as rho -> 1 (adding the entries' noise to Var[Y] alone gave 4 rho / (1 - rho)^2)."""
+    vc, vr, vp, tau, c, b_ = sp.symbols("v_c v_r v_p tau c b")
+    claims = (b_ ** 2 * vc + 2 * b_ * (b_ - 1) * vr + b_ * (b_ - 1) * vp + b_ * tau,
+              b_ * (b_ ** 2 * vc + b_ * (b_ - 1) * vr + (b_ - 1) * vp + tau + 2 * (b_ - 1) * c),
+              b_ ** 4 * vc + 4 * b_ * (b_ - 1) ** 2 * vr + 2 * b_ * (b_ - 1) * vp + b_ * tau
+              + 4 * b_ * (b_ - 1) * c)
+    for b in bs:
+        def noise(tag):
+            g = sp.Symbol(f"g{tag}")
+            r = [sp.Symbol(f"r{i}{tag}") for i in range(b)]
+            d = [sp.Symbol(f"d{i}{tag}") for i in range(b)]
+            p = {(i, j): sp.Symbol(f"p{min(i, j)}_{max(i, j)}{tag}")
+                 for i in range(b) for j in range(b) if i != j}
+            return sp.Matrix(b, b, lambda i, j: g + d[i] if i == j else g + r[i] + r[j] + p[(i, j)])
+        D, E = noise(""), noise("'")
+        cov = {("g", "g"): vc}
+        for i in range(b):
+            cov[(f"r{i}", f"r{i}")] = vr
+            cov[(f"d{i}", f"d{i}")] = tau
+            cov[(f"d{i}", f"r{i}")] = cov[(f"r{i}", f"d{i}")] = c
+            for j in range(i + 1, b):
+                cov[(f"p{i}_{j}", f"p{i}_{j}")] = vp
+
+        def expect(expr):
+            out = sp.Integer(0)
+            for term in sp.Add.make_args(sp.expand(expr)):
+                coeff, syms = sp.Integer(1), []
+                for f in sp.Mul.make_args(term):
+                    if f.is_Symbol:
+                        syms.append(f.name)
+                    elif f.is_Pow:
+                        syms += [f.base.name] * int(f.exp)
+                    else:
+                        coeff *= f
+                (x,) = [s for s in syms if not s.endswith("'")]
+                (y,) = [s[:-1] for s in syms if s.endswith("'")]
+                out += coeff * cov.get((x, y), 0)
+            return sp.expand(out)
+        one = sp.ones(b, 1)
+        got = (expect((D * E).trace()), expect(((D * one).T * (E * one))[0]),
+               expect((one.T * D * one)[0] * (one.T * E * one)[0]))
+        for k, (g_, want) in enumerate(zip(got, claims)):
+            if sp.expand(g_ - want.subs(b_, b)) != 0:
+                raise AssertionError(f"realised Gram trace {k} at b = {b}: {g_} against {want.subs(b_, b)}")
+    rho = sp.Symbol("rho", positive=True)
+    gauss = {vc: 2 * rho ** 2, vr: rho * (1 - rho), vp: (1 - rho) ** 2, tau: 2 * (1 - rho ** 2),
+             c: 2 * rho * (1 - rho)}
+    # Var[Y - Z] = 2 tr(C K C K) / b^2 (C the centring): tr - 2 row / b + sum / b^2, per b^2.
+    tr, row, tot = (x.subs(gauss) for x in claims)
+    variance_noise = sp.factor(sp.simplify(tr - 2 * row / b_ + tot / b_ ** 2))
+    if sp.simplify(variance_noise / (1 - rho) ** 2).has(rho):
+        raise AssertionError(f"a variance's realised-Gram noise {variance_noise} is not of order (1 - rho)^2")
+    return [Derivation("n E tr(d d'), n E (d 1).(d' 1), n E (1'd 1)(1'd' 1)", claims,
+                       "expanded over index patterns for b = 2..5 (finite._gram_noise)"),
+            Derivation("n b^2 E Var[Y - Z] added by a realised Gaussian Gram", variance_noise,
+                       "the pairs' and the centred diagonal's: of order (1 - rho)^2")]
+
+
+def scaled_ws_row_mode():
+    """How Scaled WS maps each input's own deviation (finite._WS_ROW): its rows sum to zero,
+    so it reads h_i - h-bar_i 1 (h = relu(z), h-bar_i the input's mean over the channels),
+    whose second moment is |h_i|^2 / n - h-bar_i^2 and whose projection on the batch mean
+    loses n (h-bar_i - h-bar) h-bar. With q_h = q / 2, E[relu] = sqrt(q / (2 pi)) and
+    q_c = q_h - E[relu]^2, to first order in the input's own (a, m, u) (relative to q_h,
+    m in units of sqrt(q_h)):"""
+    eps, a, m, u = sp.symbols("epsilon a m u")
+    qh = sp.Rational(1, 2)
+    mean = 1 / sp.sqrt(2 * sp.pi)
+    qc = qh - mean ** 2
+    second = qh * (1 + eps * a) - (mean + eps * sp.sqrt(qh) * m) ** 2
+    a_c = sp.simplify(sp.diff(second, eps).subs(eps, 0) / qc)
+    proj = qh * eps * u - mean * eps * sp.sqrt(qh) * m
+    u_c = sp.simplify(sp.diff(proj, eps) / qc)
+    want_a = (sp.pi * a - 2 * sp.sqrt(sp.pi) * m) / (sp.pi - 1)
+    want_u = (sp.pi * u - sp.sqrt(sp.pi) * m) / (sp.pi - 1)
+    if sp.simplify(a_c - want_a) != 0 or sp.simplify(u_c - want_u) != 0:
+        raise AssertionError(f"Scaled WS row map: a -> {a_c}, u -> {u_c}")
+    return Derivation("Scaled WS: (a, u) of h - h-bar_i", (want_a, want_u),
+                      "|h_i - h-bar_i|^2 = |h_i|^2 - n h-bar_i^2, linearised in the own deviation")
+
+
 def derivations():
     return ([pattern_counts()] + relu_truncated_moments() + wishart_covariance()
             + [relu_kurtosis()] + gram_entry_modes() + [relu_pair_slope()] + relu_row_mode()
-            + [gaussian_draw_keeps_the_relu_mean()])
+            + [gaussian_draw_keeps_the_relu_mean()] + realised_gram_traces() + [scaled_ws_row_mode()])

@@ -35,8 +35,15 @@ Where fluctuations come from (each 1/n)
 
 What (q, c) does not hold: the realised Gram's own entries
 ------------------------------------------------------------
-A weight layer's Wishart noise, and a merge's cross term, depend on tr(K^2), and so on the
-noise of each off-diagonal entry of the realised K, not only on q and c. That noise has
+A weight layer's Wishart noise, and a merge's cross term, depend on tr(K^2), |K 1|^2 and
+(1'K1)^2, and so on the noise of each entry of the realised K, not only on q and c. Every
+mode of that noise enters all three (``_gram_noise``, derived in
+derivations/finite_width.py); the channel variance, which reads the double-centred Gram,
+sees only the pairs' and the centred diagonal's, of order (1 - rho)^2 for Gaussian
+channels. (Counting the entries' noise in tr(K^2) alone, as this walk once did, gave the
+channel variance a relative noise of 4 rho / (1 - rho)^2 per layer: along a post-LN
+stream, where rho -> 1, its predicted spread grew exponentially, 2.1 nats by block 30 at
+width 64 against 0.76 measured.) The off-diagonal entries' noise has
 three modes (derivations/finite_width.py): a common one (c itself), a row per input, and
 each pair's own, (1 - rho)^2 / n for Gaussian channels. The pair mode compounds: a fresh
 weight layer adds its own draw to the input's, a ReLU carries the input's through its
@@ -66,8 +73,11 @@ The row mode has a diagonal: each input's own second moment q_i, its mean over t
 and its projection on the batch mean, (a_i, m_i, u_i) relative to q (``_row_after``). A
 weight layer's output is, in law, its input's realised Gram: it keeps a and u and adds its
 own draw; a ReLU keeps a (positive homogeneity) and adds 1.596 m (a shift along the
-all-ones direction moves its mass); BatchNorm reads the centred (a - 2u) / e; a merge's cross
-term 2 s_i.f_i / n rescales each input along itself. In a BatchNorm stream the inputs' sizes
+all-ones direction moves its mass); Scaled WS reads the ReLU output less each input's own
+channel mean, a -> (pi a - 2 sqrt(pi) m) / (pi - 1); BatchNorm reads the centred (a - 2u) / e;
+a merge's cross term 2 s_i.f_i / n rescales each input along itself. The walked (a, u) also
+give the diagonal and row noise of the realised Gram that the next weight layer, or a
+merge's cross term, reads (``_gram_noise``). In a BatchNorm stream the inputs' sizes
 drift apart, n Var[q_i] / q^2 = 2 -> ~30 over 100 blocks, as networks measure, because each
 branch's scale follows its input's ReLU mass and that mass follows the input's persistent
 channel mean. Inputs of unequal sizes lower a ReLU's channel mean (sqrt(s_i s_j) F(rho_ij)):
@@ -101,10 +111,10 @@ Approximations (stated, and measured by ``make calibrate``)
   whose streams are correlated) is included, see :func:`grad_spread`.
 * Negative correlations (BatchNorm's -1/(b-1)) are set to 0 in the noise terms (an O(1/b)
   change of an O(1/n) term).
-* Of a realised Gram's entry noise only the pair mode is carried; the common and row modes
-  are taken as Gaussian channels' (2 rho) in the noise terms. Each input's own deviation
-  (a, m, u) moves the ReLUs' mean only; ScaledWS layers are taken as plain weight layers
-  there. The gradients' own Gram is walked backwards for
+* Of a realised Gram's entry noise the pair mode and each input's own (a, u) are walked;
+  the common mode is taken as Gaussian channels' (2 rho^2), and so are the rows in a
+  merge's cross term when one operand is a projection (its shared pre chain's own draws
+  are left out). The gradients' own Gram is walked backwards for
   gradients uncorrelated between inputs (``_gradient_pair_walk``), and the coupling is
   taken as independent of the branch's own backward noise.
 * The expansion is in the fluctuation over its mean: it stops where the predicted standard
@@ -243,26 +253,60 @@ def _to_qc(b):
     return np.array([[1.0, 0.0], [-1.0 / (b - 1.0), b / (b - 1.0)]])
 
 
-def _wishart(rho, b, n_in=None, kp=None):
+def _wishart(rho, b, n_in=None, kp=None, row=None):
     """Covariance of one Gaussian channel's (Y, Z), z ~ N(0, K) over b inputs with
     K = (1 - rho) I + rho J (rho >= -1/(b-1)): Cov[z'Az, z'Bz] = 2 tr(AKBK) with A = I/b,
     B = J/b^2 gives Var Y = (2/b)(1 + (b-1) rho^2), Var Z = Cov[Y, Z] = 2 m^2,
     m = rho + (1 - rho)/b.
 
-    ``n_in``: K is the realised Gram of an input of n_in channels, not its mean: each
-    off-diagonal entry carries its own O(1/sqrt(n_in)) noise, (1 + rho^2)/n_in in variance
-    for Gaussian-like channels, and tr(K^2) sums b(b-1) of them. Where rho ~ 0 (after
-    BatchNorm) that b^2/n_in is as large as the diagonal's b when b ~ n_in: it doubles
-    Var Y at b = n_in, and it is all of the spread of the channel variance there.
-    ``kp``: the pair mode of that noise when it is not the Gaussian (1 - rho)^2 (the rest,
-    2 rho, is the common and row modes; see :func:`_entry_factors`).
+    ``n_in``: K is the realised Gram of an input of n_in channels, not its mean, and the
+    three traces take its entries' noise: E tr(K^2), E |K 1|^2 and E (1'K1)^2 (Var Y, b^3
+    Cov[Y, Z], b^4 Var Z). That noise is exchangeable over the inputs, K_ij = K-bar_ij +
+    gamma + r_i + r_j + p_ij (i != j) and K_ii = K-bar_ii + gamma + d_i, with n Var of the
+    common mode Vc = 2 rho^2, of each row's Vr and each pair's Vp, of each diagonal's tau
+    and n Cov[d_i, r_i] = C (derivations/finite_width.py, ``realised_gram_traces``):
+
+        n E tr(d^2)     = b^2 Vc + 2 b (b-1) Vr + b (b-1) Vp + b tau
+        n E |d 1|^2     = b (b^2 Vc + b (b-1) Vr + (b-1) Vp + tau + 2 (b-1) C)
+        n E (1'd 1)^2   = b^4 Vc + 4 b (b-1)^2 Vr + 2 b (b-1) Vp + b tau + 4 b (b-1) C.
+
+    Where rho ~ 0 (after BatchNorm) the pairs' b^2 / n_in is as large as the diagonal's b
+    when b ~ n_in: it doubles Var Y at b = n_in, and it is all of the spread of the channel
+    variance there. The channel variance (Y - Z) reads the double-centred Gram, whose noise
+    is the pairs' and the centred diagonal's (tau - 4 C + 4 Vr): for Gaussian channels both
+    are of order (1 - rho)^2, so the variance's relative noise stays finite as rho -> 1.
+    ``kp``: the pair mode Vp when it is not the Gaussian (1 - rho)^2; ``row``: the
+    covariance of each input's own (a, m, u) (see _Walker.rowA), whose a and u give tau,
+    Vr and C, when it is not the Gaussian channels' (_row_gauss).
     """
     m = rho + (1.0 - rho) / b
-    r = max(rho, 0.0)
-    entry = (1.0 + rho * rho) if kp is None else kp + 2.0 * r
-    off = rho * rho + (entry / n_in if n_in else 0.0)
-    vy = 2.0 / b * (1.0 + (b - 1.0) * off)
-    return np.array([[vy, 2.0 * m * m], [2.0 * m * m, 2.0 * m * m]])
+    vy, cyz, vz = 2.0 / b * (1.0 + (b - 1.0) * rho * rho), 2.0 * m * m, 2.0 * m * m
+    if n_in:
+        r = max(rho, 0.0)
+        R = _row_gauss(r) if row is None else row
+        t = _gram_noise(b, 2.0 * r * r, R[2, 2], (1.0 - r) ** 2 if kp is None else kp, R[0, 0], R[0, 2],
+                        centred=rho < 0.0)
+        vy, cyz, vz = vy + 2.0 * t[0] / n_in, cyz + 2.0 * t[1] / n_in, vz + 2.0 * t[2] / n_in
+    return np.array([[vy, cyz], [cyz, vz]])
+
+
+def _gram_noise(b, vc, vr, vp, tau, c, centred=False):
+    """n times the excess of E tr(K K') / b^2, E (K 1).(K' 1) / b^3 and E (1'K1)(1'K'1) / b^4
+    over the mean Grams' for two realised b x b Grams whose entries' noise covaries by modes
+    (K_ij = gamma + r_i + r_j + p_ij off the diagonal, K_ii = gamma + d_i; see _wishart): n
+    Cov of the common modes vc, of each row's vr, each pair's vp, each diagonal's tau, and
+    n Cov[d_i, r_i'] = c. With K' = K these are the traces of a weight layer's (Y, Z)
+    covariance; with K' another tensor's Gram, of a merge's cross term. ``centred``: one of
+    them is centred over the batch (BatchNorm's output, rho = -1/(b-1)), so that its rows
+    sum to exactly zero, realised or not: only the trace has noise."""
+    bf = float(b)
+    if centred:
+        return (bf * (bf - 1.0) * vp + bf * tau) / bf ** 2, 0.0, 0.0
+    e_tr = bf * bf * vc + 2.0 * bf * (bf - 1.0) * vr + bf * (bf - 1.0) * vp + bf * tau
+    e_row = bf * (bf * bf * vc + bf * (bf - 1.0) * vr + (bf - 1.0) * vp + tau + 2.0 * (bf - 1.0) * c)
+    e_sum = (bf ** 4 * vc + 4.0 * bf * (bf - 1.0) ** 2 * vr + 2.0 * bf * (bf - 1.0) * vp + bf * tau
+             + 4.0 * bf * (bf - 1.0) * c)
+    return e_tr / bf ** 2, e_row / bf ** 3, e_sum / bf ** 4
 
 
 @lru_cache(maxsize=4096)
@@ -498,8 +542,11 @@ class _Walker:
             # The weights' input Gram is realised: its pair mode is what the walk carries
             # (the output's own fresh part, e_o^2, is the last thing _pair_after added).
             kp_in = self.kp - e_o * e_o
+            # Its inputs' own (a, m, u), before the output's own draw (_row_after).
+            row_in = (self.rowA @ self.row_x @ self.rowA.T + self.rowF
+                      - _row_gauss(max(1.0 - e_o, 0.0)))
             L = _to_qc(self.b)
-            cov = L @ _wishart(_grid(1.0 - e_o), self.b, int(self.n), kp_in) @ L.T
+            cov = L @ _wishart(_grid(1.0 - e_o), self.b, int(self.n), kp_in, row_in) @ L.T
             out = out.add_noise(cov / self.n, self.fresh())
         return out, lq_o, e_o
 
@@ -517,10 +564,13 @@ class _Walker:
         self.centred = centred
         return form, lq, e
 
-    def cross(self, lq_s, e_s, lq_b, e_b, q_y, kappa=0.0):
+    def cross(self, lq_s, e_s, lq_b, e_b, q_y, kappa=0.0, rest=0.0, rho=0.0, row=None):
         """Covariance (relative to q_y) of the cross term 2 s.f of a merge; ``kappa``:
-        n Cov[K_s,ij, K_f,ij] / (q_s q_f) between the operands' realised Gram entries
-        (:func:`_entry_factors`)."""
+        n Cov[K_s,ij, K_f,ij] / (q_s q_f) between the operands' realised Gram entries in
+        their pair mode, ``rest`` in their common and row modes, split between the two as
+        Gaussian channels' of correlation ``rho`` are (2 rho^2 and 2 rho (1 - rho))
+        (:func:`_merge_kappa`); ``row``: n Cov between the operands' own (a, m, u) (see
+        _Walker.rowA), which gives the rows' and the diagonals' covariance instead."""
         b = self.b
         qs, qb = 2.0 ** (lq_s - math.log2(q_y)), 2.0 ** (lq_b - math.log2(q_y))
         # Exact for any exchangeable covariance, BatchNorm's negative correlation included.
@@ -528,15 +578,25 @@ class _Walker:
         a_s, g_s = qs * (1.0 - rs), qs * rs
         a_b, g_b = qb * (1.0 - rb), qb * rb
         m_s, m_b = g_s + a_s / b, g_b + a_b / b
-        # Var of the q part is 4 tr(K_s K_f) / (n b^2) for the realised Grams: the mean
-        # Grams give the first term; the b(b - 1) off-diagonal entries add their covariance,
-        # which is as large as the rest where b ~ n (measured: 1.5-1.9x at b = n otherwise).
-        vy = 4.0 * ((a_s * a_b + a_s * g_b + g_s * a_b) / b + g_s * g_b
-                    + (1.0 - 1.0 / b) * kappa * qs * qb / self.n)
-        vz = 4.0 * m_s * m_b
-        cyz = np.array([[vy, vz], [vz, vz]]) / self.n
+        # The three parts are 4 tr(K_s K_f) / (n b^2), 4 (K_s 1).(K_f 1) / (n b^3) and
+        # 4 (1'K_s 1)(1'K_f 1) / (n b^4) for the realised Grams: the mean Grams give the
+        # first terms; their entries' covariance adds _gram_noise, as large as the rest
+        # where b ~ n (measured: 1.5-1.9x at b = n otherwise). Each mode enters all three;
+        # the channel variance reads only the pairs' and the centred diagonal's, whose
+        # Gaussian share (2 kappa: tau - 4 C + 4 Vr = 2 Vp) is of order (1 - rho)^2.
+        r = min(max(rho, 0.0), 1.0)
+        if row is None:
+            vr = 0.5 * rest * (1.0 - r)
+            tau, c = 2.0 * kappa + 4.0 * vr, 2.0 * vr
+        else:
+            vr, tau, c = row[2, 2], row[0, 0], 0.5 * (row[0, 2] + row[2, 0])
+        t = _gram_noise(b, rest * r, vr, kappa, tau, c, centred=min(rs, rb) < 0.0)
+        k = qs * qb / self.n
+        vy = 4.0 * ((a_s * a_b + a_s * g_b + g_s * a_b) / b + g_s * g_b + k * t[0])
+        cyz = 4.0 * (m_s * m_b + k * t[1])
+        vz = 4.0 * (m_s * m_b + k * t[2])
         L = _to_qc(b)
-        return L @ cyz @ L.T
+        return L @ (np.array([[vy, cyz], [cyz, vz]]) / self.n) @ L.T
 
 
 @dataclass(frozen=True)
@@ -650,8 +710,8 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
         x = _Form({"x": np.eye(2, 3)}, mux.copy())
         mu_x = _Form({"x": np.array([[0.0, 0.0, 1.0]])}, np.zeros(1))
         W.start_block()
-        if _inputs is not None:  # each block input's (row covariance, fluctuation covariance)
-            _inputs.append((row_x.copy(), cx.copy()))
+        if _inputs is not None:  # each block input's (row covariance, fluctuation covariance, pair mode)
+            _inputs.append((row_x.copy(), cx.copy(), kp_x))
         W.kp, W.row_x, W.rowA, W.rowF, W.muf = kp_x, row_x, np.eye(3), np.zeros((3, 3)), mu_x
         p, lq_p, e_p = W.chain(block.pre, x, lq, e, l, cx, stream_centred, record=True)
         pre_centred, kp_p, row_p, mu_p = W.centred, W.kp, (W.rowA, W.rowF), W.muf
@@ -664,7 +724,7 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
         else:
             s, lq_s, e_s = x, lq + lg_skip, e
             kp_s, row_s, mu_s = kp_x, (np.eye(3), np.zeros((3, 3))), mu_x
-        pair_sf, all_sf = _merge_kappa(block, plan, l, lq, e, kp_p if proj[l] else kp_x)
+        pair_sf, rest_sf, rho_sf = _merge_kappa(block, plan, l, lq, e, kp_p if proj[l] else kp_x)
         (sk_m[:, l], sk_s[:, l]) = _report(s, cx, lq_s, e_s, b)
         (br_m[:, l], br_s[:, l]) = _report(f, cx, lq_b, e_b, b)
         if f is None or lq_b == -math.inf:
@@ -678,8 +738,11 @@ def spread(block, plan, q0, m0, width, batch=None, share=None, grad_log2=None, i
             e_y = ws * e_s + wb * e_b
             y = _Form.combine(s, ws, f, wb) if s is not None else f.map(wb * np.eye(2))
             if s is not None and np.isfinite(lq_s):
-                y = y.add_noise(W.cross(lq_s - lq_y, e_s, lq_b - lq_y, e_b, 1.0, all_sf),
-                                W.fresh())
+                # The operands' own deviations covary through the block input's (the
+                # branch's fresh draws are its own; a projection's shared pre is left out).
+                row_sf = row_s[0] @ row_x @ row_f[0].T
+                y = y.add_noise(W.cross(lq_s - lq_y, e_s, lq_b - lq_y, e_b, 1.0, pair_sf, rest_sf, rho_sf,
+                                        row_sf), W.fresh())
             # The sum's pair mode: both operands', their covariance, and the cross Gram
             # (1/n) sum_c (s_ic f_jc + f_ic s_jc), whose own pair part is 2 e_s e_b q_s q_f.
             kp_y = (ws * ws * kp_s + wb * wb * kp_f
@@ -870,6 +933,16 @@ def _relu_row(rho):
     return B, 0.5 * (R + R.T)
 
 
+# Scaled WS reads each input's ReLU output less its own mean over the channels, h_i - h-bar_i:
+# its second moment q_h (1 + a) - h-bar_i^2 and its projection on the batch mean lose
+# 2 E[relu] and E[relu] times the own mean's deviation, m sqrt(q_h), relative to
+# q_c = q_h (1 - 1/pi): a -> (pi a - 2 sqrt(pi) m) / (pi - 1), u -> (pi u - sqrt(pi) m) / (pi - 1)
+# (derivations/finite_width.py, ``scaled_ws_row_mode``); its m is the weight layer's own.
+_WS_ROW = np.array([[math.pi, -2.0 * math.sqrt(math.pi), 0.0],
+                    [0.0, 0.0, 0.0],
+                    [0.0, -math.sqrt(math.pi), math.pi]]) / (math.pi - 1.0)
+
+
 def _row_after(layer, A, F, e, e_o):
     """Each input's own deviation (a_i, m_i, u_i) after ``layer`` (see _Walker.rowA): the
     map A from the block input's and the covariance F of the parts drawn since, at input /
@@ -879,7 +952,8 @@ def _row_after(layer, A, F, e, e_o):
       zero batch mean (u = 0); m is relative to sqrt(v). Gains keep all three.
     * LayerNorm divides each input by its own norm and centres it: a = m = 0, and the
       input's correlation with the batch mean loses its size's part, u - rho a / 2.
-    * A ReLU maps them by the regression of _relu_row and adds its rest.
+    * A ReLU maps them by the regression of _relu_row and adds its rest; Scaled WS then
+      removes each input's own mean over the channels (_WS_ROW).
     * A fresh weight layer keeps a and u (its output's Gram is its input's in law) and
       adds its own draw over the channels (_row_gauss); its channel means are a fresh
       draw (the mean of its rows times each input)."""
@@ -896,6 +970,8 @@ def _row_after(layer, A, F, e, e_o):
     if isinstance(layer, _RELUS):
         B, R = _relu_row(_grid(rho))
         A, F = B @ A, B @ F @ B.T + R
+    if isinstance(layer, ReLUScaledWS):
+        A, F = _WS_ROW @ A, _WS_ROW @ F @ _WS_ROW.T
     if layer.is_weight_layer:
         P = np.diag([1.0, 0.0, 1.0])
         A, F = P @ A, P @ F @ P.T + _row_gauss(max(1.0 - e_o, 0.0))
@@ -971,19 +1047,20 @@ def _next_input(y, mu_y, stream, cx):
 
 
 def _merge_kappa(block, plan, l, lq, e, kp):
-    """(pair, all) of n Cov[K_s,ij, K_f,ij] / (q_s q_f) between block l's skip operand and
-    branch output, both drawn from the block input (lq, e) whose Gram's pair mode is ``kp``
-    (through the pre chain for a projection, whose output's is ``kp``). The common and row
-    modes are taken as Gaussian channels': 2 rho."""
+    """(pair, rest, rho) of n Cov[K_s,ij, K_f,ij] / (q_s q_f) between block l's skip operand
+    and branch output, both drawn from the block input (lq, e) whose Gram's pair mode is
+    ``kp`` (through the pre chain for a projection, whose output's is ``kp``): in the pair
+    mode, and in the common and row modes, taken as Gaussian channels' of correlation rho
+    (2 rho in all)."""
     pre_p, pre_r = _entry_factors(block.pre, lq, e, l)
     lq_p, e_p = run(block.pre, lq, e, l, MATH)
     bp, br = _entry_factors(block.branch, lq_p, e_p, l)
     if plan.projection[l]:
         sp, sr = _entry_factors(block.projection, lq_p, e_p, l)
-        pair, rest = kp * sp * bp, 2.0 * max(1.0 - e_p, 0.0) * sr * br
-    else:
-        pair, rest = kp * pre_p * bp, 2.0 * max(1.0 - e, 0.0) * pre_r * br
-    return pair, pair + rest
+        rho = max(1.0 - e_p, 0.0)
+        return kp * sp * bp, 2.0 * rho * sr * br, rho
+    rho = max(1.0 - e, 0.0)
+    return kp * pre_p * bp, 2.0 * rho * pre_r * br, rho
 
 
 def _root(cov):

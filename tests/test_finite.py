@@ -408,7 +408,7 @@ def test_each_inputs_own_deviation_matches_networks(scheme):
     st = _setup(depth, scheme, None, True, 2, 1.0, 0.0, None, 1.0, {})
     rows = []
     finite.spread(st.block, st.plan, st.q0, st.m0, width, width, _inputs=rows)
-    theory = np.array([[r[0, 0], r[1, 1], r[0, 1]] for r, _ in rows])
+    theory = np.array([[r[0, 0], r[1, 1], r[0, 1]] for r, *_ in rows])
     assert theory[-1, 0] == pytest.approx(meas[-1, 0], rel=0.10), (theory[-1], meas[-1])
     assert theory[-1, 1] == pytest.approx(meas[-1, 1], rel=0.10), (theory[-1], meas[-1])
     assert abs(theory[-1, 2] - meas[-1, 2]) <= 0.1 + 0.1 * abs(meas[-1, 2]), (theory[-1], meas[-1])
@@ -465,7 +465,7 @@ def test_the_channel_means_common_part_drives_the_unnormalised_spread(scheme, pa
     st = _setup(depth, scheme, None, True, 2, 1.0, 0.0, None, 1.0, params)
     rows = []
     finite.spread(st.block, st.plan, st.q0, st.m0, width, width, _inputs=rows)
-    mu_sd = np.array([math.sqrt(cx[2, 2]) for _, cx in rows])
+    mu_sd = np.array([math.sqrt(cx[2, 2]) for _, cx, _ in rows])
     for blk in (10, 20, 29):
         sd = meas[:, blk, 0].std(ddof=1)
         assert sd == pytest.approx(mu_sd[blk], rel=0.3), (blk, sd, mu_sd[blk])
@@ -473,3 +473,86 @@ def test_the_channel_means_common_part_drives_the_unnormalised_spread(scheme, pa
                    input_squared_mean=0.0, **params)
     sig = th.spread.skip_sigma.log2_variance[depth] * math.log(2)
     assert meas[:, depth, 1].std(ddof=1) == pytest.approx(sig, rel=0.3), (meas[:, depth, 1].std(), sig)
+
+
+# --- realised Grams in every mode: the channel variance near rho = 1 ----------------------
+
+@pytest.mark.parametrize("rho", [0.5, 0.99])
+def test_a_realised_gram_enters_all_three_traces(rho):
+    # A weight layer reading a realised Gram K (Gaussian channels, n_in of them): its (Y, Z)
+    # covariance is 2 (tr(AKAK), tr(AKBK), tr(BKBK)), averaged over K. The entries' noise
+    # enters all three; adding it to Var Y alone (as before) gave the channel variance a
+    # relative noise of 4 rho / (1 - rho)^2 per layer, which exploded along post-LN streams.
+    b, n_in, draws = 16, 32, 4000
+    gen = np.random.default_rng(3)
+    L = np.linalg.cholesky((1 - rho) * np.eye(b) + rho * np.ones((b, b)))
+    A, B, C = np.eye(b) / b, np.ones((b, b)) / b ** 2, np.eye(b) - np.ones((b, b)) / b
+    s = []
+    for _ in range(draws):
+        X = L @ gen.standard_normal((b, n_in))
+        K = X @ X.T / n_in
+        s.append([2 * np.trace(A @ K @ A @ K), 2 * np.trace(A @ K @ B @ K), 2 * np.trace(B @ K @ B @ K),
+                  2 * np.trace(C @ K @ C @ K) / b ** 2 / (1 - rho) ** 2])
+    s = np.array(s)
+    mc, se = s.mean(0), s.std(0) / math.sqrt(draws)
+    w = finite._wishart(rho, b, n_in)
+    theory = [w[0, 0], w[0, 1], w[1, 1], (w[0, 0] - 2 * w[0, 1] + w[1, 1]) / (1 - rho) ** 2]
+    # The closed form is exact for Gaussian channels: 5 standard errors of the Monte Carlo
+    # mean (a 1-in-10^6 miss for a normal estimate).
+    assert np.all(np.abs(mc - theory) <= 5 * se), (mc, theory, se)
+
+
+def test_the_scaled_ws_row_map_is_derived_and_matches_a_layer():
+    # Scaled WS reads each input's ReLU output less its own channel mean: a -> (pi a -
+    # 2 sqrt(pi) m) / (pi - 1). The walk's n Var[a_i] after one ReLU + Scaled-WS layer on
+    # Gaussian channels must match the layer's. Tolerance: n Var over b = 128 inputs has
+    # relative standard error sqrt(2 / b) = 12.5% per draw, 1.8% over 48 draws; 4 of those
+    # (7%) plus 1% for the walk's own O(1/n). Taking Scaled WS as a plain weight layer
+    # predicts 7.0 at rho = 0, 12% above.
+    from derivations import finite_width
+    from propagation.layers import ReLUScaledWS
+    want_a, want_u = finite_width.scaled_ws_row_mode().expr
+    import sympy as sp
+    a, m, u = sp.symbols("a m u")
+    for row, expr in ((0, want_a), (2, want_u)):
+        coeffs = [float(expr.diff(v)) for v in (a, m, u)]
+        assert finite._WS_ROW[row] == pytest.approx(coeffs, abs=1e-12)
+    n = b = 128
+    gen = torch.Generator().manual_seed(11)
+    for rho in (0.0, 0.5):
+        got = []
+        for _ in range(48):
+            g = torch.randn(1, n, generator=gen, dtype=torch.float64)
+            e = torch.randn(b, n, generator=gen, dtype=torch.float64)
+            x = math.sqrt(rho) * g + math.sqrt(1 - rho) * e
+            W = torch.randn(n, n, generator=gen, dtype=torch.float64)
+            W = W - W.mean(1, keepdim=True)
+            y = torch.relu(x) @ (W / W.norm(dim=1, keepdim=True)).T
+            q = (y ** 2).mean()
+            got.append(n * float(((y ** 2).mean(1) / q).var()))
+        layer = ReLUScaledWS()
+        e_o = layer.forward(0.0, 1.0 - rho, 0, finite.MATH)[1]
+        A, F = finite._row_after(layer, np.eye(3), np.zeros((3, 3)), 1.0 - rho, e_o)
+        theory = float((A @ finite._row_gauss(rho) @ A.T + F)[0, 0])
+        assert np.mean(got) == pytest.approx(theory, rel=0.08), (rho, np.mean(got), theory)
+
+
+def test_the_channel_variance_of_a_post_ln_stream_spreads_as_networks_do():
+    # Along a post-LN stream rho -> 1 and the channel variance is a small difference: its
+    # log spreads like a random walk, ~0.75 nats by block 30 at width 64. Before the
+    # realised Gram's noise entered all three traces, the predicted spread grew
+    # exponentially (2.1 nats at block 30, 1.75x the measured at block 20). Tolerance: the sd
+    # of 32 seeds has relative standard error 1 / sqrt(2 * 31) = 12.7%; two of them (25%).
+    depth, width, seeds = 30, 64, 32
+    vals = []
+    for s in range(seeds):
+        torch.manual_seed(s)
+        model = nets.residual_mlp(depth, width=width, scheme="postnorm")
+        x = torch.randn(width, width, generator=torch.Generator().manual_seed(10_000 + s))
+        vals.append(P.measure(model, x, progress=False).skip.log2_variance)
+    sd = np.std(vals, axis=0, ddof=1) * math.log(2)
+    th = P.predict(depth, "postnorm", width=width, batch=width, input_second_moment=1.0,
+                   input_squared_mean=0.0)
+    sig = th.spread.skip_sigma.log2_variance * math.log(2)
+    for blk in (10, 20, 30):
+        assert sd[blk] == pytest.approx(sig[blk], rel=0.25), (blk, sd[blk], sig[blk])
