@@ -556,3 +556,91 @@ def test_the_channel_variance_of_a_post_ln_stream_spreads_as_networks_do():
     sig = th.spread.skip_sigma.log2_variance * math.log(2)
     for blk in (10, 20, 30):
         assert sd[blk] == pytest.approx(sig[blk], rel=0.25), (blk, sd[blk], sig[blk])
+
+
+def test_a_relu_scaled_ws_layer_spreads_as_the_walk_says():
+    # One ReLU + Scaled-WS layer on Gaussian data (rho = 0, n = b = 64): the spread of ln q
+    # over draws. The walk's three parts are the ReLU output less its mean over everything
+    # (what zero-sum rows read; scaling the plain ReLU's residual by (1 - 1/pi)^-2 instead
+    # gave 1.9x the measured variance), the realised Gram's Wishart noise, and the fixed
+    # row norm, which takes each channel's scale fluctuation out (without it, 1.26x).
+    # Tolerance: the variance of 2000 draws has relative standard error sqrt(2 / 1999) =
+    # 3.2%; four of them (13%) and 2% for the walk's next order in 1/n.
+    from propagation.layers import ReLUScaledWS
+    n = b = 64
+    gen = torch.Generator().manual_seed(5)
+    lq = []
+    for _ in range(2000):
+        x = torch.randn(b, n, generator=gen, dtype=torch.float64)
+        W = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        W = W - W.mean(1, keepdim=True)
+        y = torch.relu(x) @ (W / W.norm(dim=1, keepdim=True)).T
+        lq.append(math.log(float((y ** 2).mean())))
+    walker = finite._Walker(n, b, 1)
+    cx = np.zeros((3, 3))
+    cx[:2, :2] = finite._noise(0.0, b, "wishart") / n
+    walker.kp, walker.row_x = 1.0, finite._row_gauss(0.0)
+    out, _, _ = walker.layer(ReLUScaledWS(), finite._Form({"x": np.eye(2, 3)}, np.zeros(2)), 0.0, 1.0, 0, cx)
+    assert np.var(lq, ddof=1) == pytest.approx(out.cov(cx)[0, 0], rel=0.15)
+
+
+@pytest.mark.parametrize("before", ["data", "gaussian", "scaled_ws"])
+def test_the_scaled_ws_mean_shift_matches_one_layer(before):
+    # A ReLU + Scaled-WS layer reads the ReLU output less each input's own channel mean:
+    # its correlation at rho = 0 moves by +0.234 / n after a Gaussian weight layer (the
+    # input's realised Gram beyond a draw), by nothing on data (a draw) and by nothing after
+    # a Scaled-WS layer, whose fixed-norm rows raise E[relu(w.x)] by 1/(4n) and take q and c
+    # down by 0.234 / n each. Tolerance: 5 standard errors of the Monte Carlo means (one in
+    # 10^6 for normal estimates) plus 0.05 / n for the theory's next order.
+    def standardised(n, gen):
+        W = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        W = W - W.mean(1, keepdim=True)
+        return W / W.norm(dim=1, keepdim=True)
+    n = b = 64
+    gen = torch.Generator().manual_seed(17)
+    dq, drho = [], []
+    for _ in range(3000):
+        x = torch.randn(b, n, generator=gen, dtype=torch.float64)
+        if before == "gaussian":
+            x = x @ torch.randn(n, n, generator=gen, dtype=torch.float64).T / math.sqrt(n)
+        elif before == "scaled_ws":
+            x = torch.relu(x) @ standardised(n, gen).T * math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
+        y = torch.relu(x) @ standardised(n, gen).T
+        G = y @ y.T / n
+        q = float(G.diagonal().mean())
+        dq.append(n * (q / (float((x ** 2).mean()) * (1.0 - 1.0 / math.pi) / 2.0) - 1.0))
+        drho.append(n * float((G.sum() - G.diagonal().sum()) / (b * (b - 1))) / q)
+    walker = finite._Walker(n, b, 1)
+    walker.sphere = 1.0 if before == "scaled_ws" else 0.0
+    # The ReLU's input Gram: a draw from data (Gaussian channels, its own pair and rows),
+    # or a weight layer's output (the data's realised Gram plus its own draw).
+    kp, tau = (1.0, 2.0) if before == "data" else (2.0, 4.0)
+    shift = n * finite._ws_shift(0.0, tau, kp, walker.sphere, n)
+    for got, want in ((dq, shift[0]), (drho, shift[1])):
+        se = np.std(got) / math.sqrt(len(got))
+        assert abs(np.mean(got) - want) <= 5 * se + 0.05, (before, np.mean(got), want, se)
+
+
+def test_the_squared_mean_of_an_nf_stream_follows_its_median():
+    # NF's Scaled-WS branches: their squared mean sits at the batch's own floor at block 1
+    # and climbs 0.3-0.5 log2 by block 30, as the stream's realised Gram drifts from a draw
+    # (measured at width 128 over 32 seeds). Before the Scaled-WS noise and mean shift,
+    # the predicted median was 1.6 log2 low with a spread of 2.2 log2 (measured 0.3).
+    # Tolerance: 4 standard errors (1.25 sigma / sqrt(32)) of the median at each of four
+    # blocks, and the spread within 30% (3 standard errors of a 32-seed sd).
+    depth, width, seeds = 30, 128, 32
+    vals = []
+    for s in range(seeds):
+        torch.manual_seed(s)
+        model = nets.residual_mlp(depth, width=width, scheme="nf")
+        x = torch.randn(width, width, generator=torch.Generator().manual_seed(10_000 + s))
+        vals.append(P.measure(model, x, progress=False).branch.log2_squared_mean)
+    vals = np.array(vals)
+    th = P.predict(depth, "nf", width=width, batch=width, input_second_moment=1.0,
+                   input_squared_mean=0.0)
+    med = th.quantile(0.5).branch.log2_squared_mean
+    sig = th.spread.branch_sigma.log2_squared_mean
+    for blk in (1, 10, 20, 29):
+        se = 1.2533 * sig[blk] / math.sqrt(seeds)
+        assert abs(np.median(vals[:, blk]) - med[blk]) <= 4 * se, (blk, np.median(vals[:, blk]), med[blk], se)
+        assert vals[:, blk].std(ddof=1) == pytest.approx(sig[blk], rel=0.3)
