@@ -41,11 +41,6 @@ DEEP_NARROW = ("1000 unnormalised blocks at width 128: the predicted spread of l
                "an expansion in that spread, holds; it marks those blocks invalid); the "
                "squared mean's median is then not the log-normal's, and the 7/n band does "
                "not cover it")
-WS_FINITE = ("Scaled WS at finite width: each standardised row is exactly on a sphere and "
-             "removes the realised channel mean of its input, which the leading-order theory "
-             "takes at its infinite-width value; over 1000 blocks at width 128 the branch "
-             "second moment sits up to 11% above the predicted median (nf_he, the same scaling "
-             "with Gaussian weights, agrees)")
 STRUCTURAL_WS = ("the structural theory (predict(model, x)) reads zero padding per class of "
                  "border positions, each conv on its own: it gives a Scaled-WS conv's border "
                  "leak of the ReLU's channel mean, but not the channel mean that leak leaves on "
@@ -67,7 +62,6 @@ STRUCTURAL_KNOWN: Dict[Tuple[str, str, int], Tuple[Tuple[str, ...], str]] = {
 #: (architecture, case id, depth) -> (quantities, why).
 KNOWN: Dict[Tuple[str, str, int], Tuple[Tuple[str, ...], str]] = {
     ("mlp", "none", 1000): (("squared_mean",), DEEP_NARROW),
-    ("mlp", "nf", 1000): (("second_moment",), WS_FINITE),
     ("mlp", "skipinit-alpha0.1", 1000): (("second_moment", "variance"), DEEP_SKIPINIT),
 }
 
