@@ -324,7 +324,25 @@ def scaled_ws_row_mode():
                       "|h_i - h-bar_i|^2 = |h_i|^2 - n h-bar_i^2, linearised in the own deviation")
 
 
+def fixed_norm_rows():
+    """Scaled WS's rows have a fixed norm: w = sqrt(n) g / |g| for g ~ N(0, I_n). Since |g|
+    and g / |g| are independent, a degree-two product keeps its Gaussian value exactly,
+    E[relu(w.x) relu(w.y)] = n E[relu(g.x) relu(g.y)] / E|g|^2, while a degree-one mean is
+    E[relu(w.x)] = sqrt(n) E[relu(g.x)] / E|g| with E|g| = sqrt(2) Gamma((n+1)/2) / Gamma(n/2)
+    = sqrt(n) (1 - 1/(4n) + O(1/n^2)): two different channels' product of means is raised
+    by 1/(2n) (finite._ws_shift's fixed-norm term, E[relu]^2 / (2n))."""
+    n = sp.Symbol("n", positive=True)
+    ratio = sp.sqrt(2) * sp.gamma((n + 1) / 2) / sp.gamma(n / 2) / sp.sqrt(n)
+    first = sp.limit(n * (ratio - 1), n, sp.oo)   # E|g| / sqrt(n) = 1 + first / n + ...
+    if sp.limit(ratio, n, sp.oo) != 1 or first != sp.Rational(-1, 4):
+        raise AssertionError(f"E|g| / sqrt(n) = 1 + ({first}) / n, expected 1 - 1/(4n)")
+    raised = -2 * first  # (E|g| / sqrt(n))^-2 = 1 + 1/(2n) + ...
+    return Derivation("fixed-norm rows: E[relu(w.x)]^2 / E_gauss[relu(g.x)]^2 - 1", raised / n,
+                      "(E|g| / sqrt(n))^-2 - 1 to first order in 1/n (limit of the Gamma ratio)")
+
+
 def derivations():
     return ([pattern_counts()] + relu_truncated_moments() + wishart_covariance()
             + [relu_kurtosis()] + gram_entry_modes() + [relu_pair_slope()] + relu_row_mode()
-            + [gaussian_draw_keeps_the_relu_mean()] + realised_gram_traces() + [scaled_ws_row_mode()])
+            + [gaussian_draw_keeps_the_relu_mean()] + realised_gram_traces() + [scaled_ws_row_mode()]
+            + [fixed_norm_rows()])

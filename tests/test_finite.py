@@ -192,6 +192,15 @@ def test_the_derivations_hold_and_match_the_constants():
     records = {r.name: r for r in finite_width.derivations()}
     assert float(records["kurtosis of relu(z)"].expr) == pytest.approx(finite._RELU_KURTOSIS,
                                                                        rel=1e-15)
+    # Fixed-norm rows raise two channels' product of ReLU means by 1/(2n): in q (relative to
+    # q_in, E[relu]^2 = 1 / (2 pi)) that is what _ws_shift takes off, whatever else moves.
+    import sympy as sp
+    n = 100
+    raised = float(records["fixed-norm rows: E[relu(w.x)]^2 / E_gauss[relu(g.x)]^2 - 1"].expr
+                   .subs(sp.Symbol("n", positive=True), n))
+    q_out = (1.0 - 1.0 / math.pi) / 2.0
+    taken = -finite._ws_shift(0.0, 2.0, 1.0, 1.0, n)[0] * q_out
+    assert taken == pytest.approx(raised / (2.0 * math.pi), rel=1e-12)
 
 
 # --- realised Grams: the pair mode and the merge's cross term ------------------------------
