@@ -546,6 +546,18 @@ def test_the_scaled_ws_row_map_is_derived_and_matches_a_layer():
         assert np.mean(got) == pytest.approx(theory, rel=0.08), (rho, np.mean(got), theory)
 
 
+def _measured_over_seeds(scheme, depth, width, seeds, part, quantity):
+    """log2 of one statistic of a residual MLP over seeded draws (weights and inputs):
+    (seeds, positions)."""
+    vals = []
+    for s in range(seeds):
+        torch.manual_seed(s)
+        model = nets.residual_mlp(depth, width=width, scheme=scheme)
+        x = torch.randn(width, width, generator=torch.Generator().manual_seed(10_000 + s))
+        vals.append(getattr(getattr(P.measure(model, x, progress=False), part), f"log2_{quantity}"))
+    return np.array(vals)
+
+
 def test_the_channel_variance_of_a_post_ln_stream_spreads_as_networks_do():
     # Along a post-LN stream rho -> 1 and the channel variance is a small difference: its
     # log spreads like a random walk, ~0.75 nats by block 30 at width 64. Before the
@@ -553,12 +565,7 @@ def test_the_channel_variance_of_a_post_ln_stream_spreads_as_networks_do():
     # exponentially (2.1 nats at block 30, 1.75x the measured at block 20). Tolerance: the sd
     # of 32 seeds has relative standard error 1 / sqrt(2 * 31) = 12.7%; two of them (25%).
     depth, width, seeds = 30, 64, 32
-    vals = []
-    for s in range(seeds):
-        torch.manual_seed(s)
-        model = nets.residual_mlp(depth, width=width, scheme="postnorm")
-        x = torch.randn(width, width, generator=torch.Generator().manual_seed(10_000 + s))
-        vals.append(P.measure(model, x, progress=False).skip.log2_variance)
+    vals = _measured_over_seeds("postnorm", depth, width, seeds, "skip", "variance")
     sd = np.std(vals, axis=0, ddof=1) * math.log(2)
     th = P.predict(depth, "postnorm", width=width, batch=width, input_second_moment=1.0,
                    input_squared_mean=0.0)
@@ -638,13 +645,7 @@ def test_the_squared_mean_of_an_nf_stream_follows_its_median():
     # Tolerance: 4 standard errors (1.25 sigma / sqrt(32)) of the median at each of four
     # blocks, and the spread within 30% (3 standard errors of a 32-seed sd).
     depth, width, seeds = 30, 128, 32
-    vals = []
-    for s in range(seeds):
-        torch.manual_seed(s)
-        model = nets.residual_mlp(depth, width=width, scheme="nf")
-        x = torch.randn(width, width, generator=torch.Generator().manual_seed(10_000 + s))
-        vals.append(P.measure(model, x, progress=False).branch.log2_squared_mean)
-    vals = np.array(vals)
+    vals = _measured_over_seeds("nf", depth, width, seeds, "branch", "squared_mean")
     th = P.predict(depth, "nf", width=width, batch=width, input_second_moment=1.0,
                    input_squared_mean=0.0)
     med = th.quantile(0.5).branch.log2_squared_mean
