@@ -182,11 +182,12 @@ def _gauss_powers(mu, s):
 
 
 @lru_cache(maxsize=4096)
-def _channel_covariance(rho, b):
+def _channel_covariance(rho, b, with_ws=False):
     """Mean and covariance of (Y_z, Z_z, Y_r, Z_r, Y_t, Z_t) over one channel, where z is a
     batch of b exchangeable N(0, 1) values with correlation rho >= 0, r = relu(z) and
     t = r - E[r] (the ReLU output less its mean over everything: what Scaled WS, whose
-    rows sum to zero, reads to first order, see _noise).
+    rows sum to zero, reads to first order, see _noise); the last two only ``with_ws``
+    (they triple the cost, and only Scaled-WS layers read them).
 
     Given the common factor g (z_i = sqrt(rho) g + sqrt(1 - rho) e_i) the b values are
     i.i.d.; the moments of the sample statistics then follow from the element moments by
@@ -201,7 +202,7 @@ def _channel_covariance(rho, b):
     r = _relu_powers(mu, s)
     r_bar = 1.0 / math.sqrt(2.0 * math.pi)     # E[relu(z)] for z ~ N(0, 1)
     # Each function as a polynomial in (z, r): {(i, j): coefficient} for z^i r^j.
-    polys = ({(1, 0): 1.0}, {(0, 1): 1.0}, {(0, 1): 1.0, (0, 0): -r_bar})
+    polys = ({(1, 0): 1.0}, {(0, 1): 1.0}) + (({(0, 1): 1.0, (0, 0): -r_bar},) if with_ws else ())
 
     def joint(i, j):
         # E[z^i r^j | g]: r^j z^i = r^(i+j) when j >= 1 (z = r where r > 0).
@@ -361,8 +362,8 @@ def _noise(rho, b, kind, n_in=None):
         return L @ _wishart(rho, b, n_in) @ L.T
     # The common-factor representation needs rho >= 0; a negative rho is BatchNorm's
     # -1/(b-1) (an O(1/b) correction to an O(1/n) term), taken as 0.
-    mean, cov, with_g = _channel_covariance(max(rho, 0.0), b)
     ws = kind.startswith("relu_ws")
+    mean, cov, with_g = _channel_covariance(max(rho, 0.0), b, ws)
     k = 4 if ws else 2      # the function's (Y, Z) rows: relu(z) - E[relu], or relu(z)
     Lz = L / mean[0]
     Lr = L / mean[k]
