@@ -1057,7 +1057,7 @@ def _row_merge(row_s, ws, row_f, wb, e_s, e_b):
     return Ls @ As + Lf @ Af, Ls @ Fs @ Ls.T + Lf @ Ff @ Lf.T + cross
 
 
-def _row_shift(rho, tau, kp, n):
+def _row_shift(rho, tau, kp, n, floor=0.0):
     """The mean shift of a ReLU's output correlation, dc / q_out, from the realised Gram of
     its input: its inputs' own second moments spread by tau / n, and its correlations by
     V = (kp + (1 - rho)^2 (2 rho + rho^2)) / n (the pair mode and, Gaussian, the rows').
@@ -1071,7 +1071,7 @@ def _row_shift(rho, tau, kp, n):
     in a BatchNorm stream the inputs' sizes drift apart block by block (tau 2 -> 35 over
     100 blocks at width 256, measured), which lowers every later branch's channel mean."""
     rho = min(max(rho, 0.0), 1.0 - 1e-9)
-    F = float(kernels.kappa(rho))
+    F = float(kernels.kappa(rho)) - floor      # ``floor``: a kernel F - floor (_ws_shift)
     F1 = 0.5 + math.asin(rho) / math.pi        # F' (Price's theorem; as _relu_pair)
     F2 = 1.0 / (math.pi * math.sqrt(1.0 - rho * rho))
     V = kp + (1.0 - rho) ** 2 * (2.0 * rho + rho * rho)
@@ -1097,15 +1097,11 @@ def _ws_shift(rho, tau, kp, sphere, n):
     a Gaussian weight layer (predicted 0.234), 0.00 +- 0.01 after a Scaled-WS one (0.000),
     0.01 +- 0.01 on data (0.000); in q, +0.02 +- 0.04 / n after a Gaussian weight layer (0),
     -0.28 +- 0.04 / n after a Scaled-WS one (-0.234)."""
-    rho = min(max(rho, 0.0), 1.0 - 1e-9)
     floor = 1.0 / math.pi
-    F = float(kernels.kappa(rho)) - floor
-    F1 = 0.5 + math.asin(rho) / math.pi
-    F2 = 1.0 / (math.pi * math.sqrt(1.0 - rho * rho))
-    V = kp + (1.0 - rho) ** 2 * (2.0 * rho + rho * rho)
+    rho = min(max(rho, 0.0), 1.0 - 1e-9)
     draw = 0.5 * floor * (1.0 - rho * rho)
-    dc = -0.25 * tau * (F - rho * F1) + 0.5 * F2 * V - draw
     own = 0.5 * floor * sphere
+    dc = _row_shift(rho, tau, kp, 1.0, floor) - draw
     return np.array([-own, dc - own]) / (n * (1.0 - floor))
 
 
