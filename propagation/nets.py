@@ -831,7 +831,8 @@ def _conv_spec(conv, **extra):
         raise ValueError(f"{conv}: grouped convolutions and string padding have no position map")
     return {"kernel": pair(conv.kernel_size), "stride": pair(conv.stride),
             "padding": pair(conv.padding), "dilation": pair(conv.dilation),
-            "mode": conv.padding_mode, **extra}
+            "mode": conv.padding_mode, "channels": [int(conv.in_channels), int(conv.out_channels)],
+            **extra}
 
 
 def conv_geometry(model, input_shape):

@@ -181,7 +181,8 @@ def _spec(node, gain=False) -> dict:
         "kernel": [int(w.shape[2]), int(w.shape[3])],
         "stride": [int(v) for v in node._saved_stride],
         "padding": [int(v) for v in node._saved_padding],
-        "dilation": [int(v) for v in node._saved_dilation], "mode": "zeros"}
+        "dilation": [int(v) for v in node._saved_dilation], "mode": "zeros",
+        "channels": [int(w.shape[1]), int(w.shape[0])]}
     if gain:
         fan_in = w.shape[1] * w.shape[2] * w.shape[3]
         spec["gain2"] = float(fan_in * w.detach().double().pow(2).mean())
