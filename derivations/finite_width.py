@@ -341,8 +341,82 @@ def fixed_norm_rows():
                       "(E|g| / sqrt(n))^-2 - 1 to first order in 1/n (limit of the Gamma ratio)")
 
 
+def relu_pair_moments():
+    """The bivariate moments the position spread sums over sample pairs
+    (propagation/finite_positions.py), for unit-variance Gaussians of correlation
+    r = cos(theta): E[relu(x)^p relu(y)^q] = E[R^(p+q)] / (2 pi) times the integral of
+    cos(phi)^p cos(phi - theta)^q over the angles where both are positive,
+    phi in (theta - pi/2, pi/2), with E[R^k] = 2^(k/2) Gamma(1 + k/2) for the radius of a
+    2-d standard Gaussian."""
+    t, phi = sp.symbols("theta phi", real=True)
+
+    def moment(p, q):
+        radius = 2 ** sp.Rational(p + q, 2) * sp.gamma(1 + sp.Rational(p + q, 2))
+        angle = sp.integrate(sp.cos(phi) ** p * sp.cos(phi - t) ** q, (phi, t - sp.pi / 2, sp.pi / 2))
+        return sp.simplify(radius * angle / (2 * sp.pi))
+
+    r = sp.cos(t)
+    claims = {
+        (1, 1): (sp.sin(t) + (sp.pi - t) * r) / (2 * sp.pi),
+        (1, 2): (1 + r) ** 2 / (2 * sp.sqrt(2 * sp.pi)),
+        (2, 2): (3 * sp.sin(t) * r + (sp.pi - t) * (1 + 2 * r ** 2)) / (2 * sp.pi)}
+    out = []
+    for (p, q), claim in claims.items():
+        derived = moment(p, q)
+        # At 7 angles in (0, pi): the closed forms are exact, the check numeric to 1e-12.
+        for v in (0.1, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0):
+            if abs(float((derived - claim).subs(t, v))) > 1e-12:
+                raise AssertionError(f"E[relu^{p} relu^{q}]: derived {derived}, used {claim}")
+        out.append(Derivation(f"E[relu(x)^{p} relu(y)^{q}]", claim,
+                              "angular integral of the 2-d Gaussian (theta = acos r)"))
+    return out
+
+
+def relu_offset_slope():
+    """d/dc of sd_a sd_b kappa_1(K_ab / (sd_a sd_b)) when every entry of K, variances
+    included, moves by c (a common offset, finite_positions._relu_pass's dK):
+    slope(r) + sin(theta) / (4 pi) (sd_a / sd_b + sd_b / sd_a)."""
+    c, k, va, vb = sp.symbols("c k v_a v_b", positive=True)
+    f = sp.sqrt((va + c) * (vb + c))
+    r = (k + c) / f
+    kappa = (sp.sqrt(1 - r ** 2) + (sp.pi - sp.acos(r)) * r) / (2 * sp.pi)
+    derived = sp.diff(f * kappa, c).subs(c, 0)
+    r0 = k / sp.sqrt(va * vb)
+    claim = ((sp.pi - sp.acos(r0)) / (2 * sp.pi) + sp.sqrt(1 - r0 ** 2) / (4 * sp.pi)
+             * (sp.sqrt(va / vb) + sp.sqrt(vb / va)))
+    for vals in ({k: 0.3, va: 1.0, vb: 2.0}, {k: -0.5, va: 0.7, vb: 0.9}, {k: 0.0, va: 1.0, vb: 1.0}):
+        if abs(float((derived - claim).subs(vals))) > 1e-12:
+            raise AssertionError(f"offset slope: derived {derived}, used {claim}")
+    return Derivation("d/dc [sd_a sd_b kappa_1] at a common offset c", claim,
+                      "chain rule through r = (K_ab + c) / sqrt((K_aa + c)(K_bb + c))")
+
+
+def sphere_quadratic_forms():
+    """Scaled WS draws a row w uniformly on the sphere |w|^2 = D (D zero-mean directions of
+    the fan-in), not from N(0, I_D): E[w_i w_j w_k w_l] = D / (D + 2) (d_ij d_kl + d_ik d_jl +
+    d_il d_jk), so Cov(w'Aw, w'Bw) = D / (D + 2) (tr A tr B + 2 tr AB) - tr A tr B, and in
+    relative terms D / (D + 2) (C - 2 / D) for the Gaussian's C = 2 tr AB / (tr A tr B)
+    (finite_positions' Scaled-WS convolution)."""
+    D = sp.Symbol("D", positive=True)
+    a, b, ab = sp.symbols("trA trB trAB", positive=True)
+    cov = D / (D + 2) * (a * b + 2 * ab) - a * b
+    claim = D / (D + 2) * (2 * ab / (a * b) - 2 / D)
+    if sp.simplify(cov / (a * b) - claim) != 0:
+        raise AssertionError(f"sphere quadratic forms: {sp.simplify(cov / (a * b))}")
+    # The fourth moment itself: E[w_1^4] = 3 D / (D + 2) for |w|^2 = D (a Beta(1/2, (D-1)/2)
+    # share of D), which fixes the constant of the isotropic form above.
+    x = sp.Symbol("x", positive=True)
+    beta = x ** sp.Rational(-1, 2) * (1 - x) ** ((D - 3) / 2) / sp.beta(sp.Rational(1, 2), (D - 1) / 2)
+    m2 = sp.simplify(sp.integrate(x ** 2 * beta, (x, 0, 1), conds="none") * D ** 2)
+    if sp.simplify(m2 - 3 * D / (D + 2)) != 0:
+        raise AssertionError(f"E[w_1^4] on the sphere: {m2}")
+    return Derivation("Cov(w'Aw, w'Bw) / (trA trB), w on the sphere of radius sqrt(D)", claim,
+                      "isotropic fourth moments, E[w_1^4] = 3 D / (D + 2)")
+
+
 def derivations():
     return ([pattern_counts()] + relu_truncated_moments() + wishart_covariance()
             + [relu_kurtosis()] + gram_entry_modes() + [relu_pair_slope()] + relu_row_mode()
             + [gaussian_draw_keeps_the_relu_mean()] + realised_gram_traces() + [scaled_ws_row_mode()]
-            + [fixed_norm_rows()])
+            + [fixed_norm_rows()] + relu_pair_moments() + [relu_offset_slope()]
+            + [sphere_quadratic_forms()])
