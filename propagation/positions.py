@@ -407,6 +407,7 @@ class GeometryError(ValueError):
 
 
 def _conv_args(spec):
+    """The tap arguments of a geometry's convolution spec (its channels are not among them)."""
     args = {k: tuple(int(v) for v in spec[k]) for k in ("kernel", "stride", "padding", "dilation")}
     args["mode"] = spec.get("mode", "zeros")
     return args
@@ -414,8 +415,9 @@ def _conv_args(spec):
 
 def _ops(layers, convs, l, where):
     """The position maps of a block's ``layers`` (propagation.layers) at block ``l``: a list of
-    (name, forward(state) -> (state, aux), backward(h, state_in, aux) -> h). Weight layers
-    take the next convolution of ``convs``, in order."""
+    (name, forward(state) -> (state, aux), backward(h, state_in, aux) -> h, info). Weight
+    layers take the next convolution of ``convs``, in order; a convolution's info holds its
+    geometry spec and whether it is Scaled WS."""
     from . import layers as L
     convs = list(convs)
     ops = []
@@ -424,32 +426,34 @@ def _ops(layers, convs, l, where):
         if not convs:
             raise GeometryError(f"the geometry has fewer convolutions in the {where} of block {l} "
                              f"than the scheme has weight layers there")
-        return _conv_args(convs.pop(0))
+        spec = convs.pop(0)
+        return _conv_args(spec), spec
 
     for layer in layers:
         if isinstance(layer, (L.ReLUWeight, L.ReLUScaledWS, L.ReLU)):
-            ops.append(("relu", lambda s: (s.relu(), None), lambda h, s, aux: 0.5 * h))
+            ops.append(("relu", lambda s: (s.relu(), None), lambda h, s, aux: 0.5 * h, {}))
         if isinstance(layer, (L.ReLUWeight, L.ReLUScaledWS, L.Linear)):
-            args, g2 = take(layer), layer.gain2
+            (args, spec), g2 = take(layer), layer.gain2
             ws = isinstance(layer, L.ReLUScaledWS)
             ops.append(("conv",
                         lambda s, a=args, g=g2, w=ws: (s.conv(g, standardised=w, **a), None),
-                        lambda h, s, aux, a=args, g=g2: s.conv_backward(h, g, **a)))
+                        lambda h, s, aux, a=args, g=g2: s.conv_backward(h, g, **a),
+                        {"spec": spec, "standardised": ws, "gain2": g2}))
         elif isinstance(layer, L.Zero):
-            args = take(layer)
+            args, _ = take(layer)
             ops.append(("zero", lambda s, a=args: (s.zero(tap_index(s.shape, **a)[0]), None),
-                        lambda h, s, aux: 0.0 * s.mu))
+                        lambda h, s, aux: 0.0 * s.mu, {}))
         elif isinstance(layer, L.Gain):
             a2 = layer.a * layer.a
-            ops.append(("scale", lambda s, a=a2: (s.scale(a), None), lambda h, s, aux, a=a2: a * h))
+            ops.append(("scale", lambda s, a=a2: (s.scale(a), None), lambda h, s, aux, a=a2: a * h, {}))
         elif isinstance(layer, L.BlockGain):
             a2 = float(np.exp2(layer._la2[l]))
-            ops.append(("scale", lambda s, a=a2: (s.scale(a), None), lambda h, s, aux, a=a2: a * h))
+            ops.append(("scale", lambda s, a=a2: (s.scale(a), None), lambda h, s, aux, a=a2: a * h, {}))
         elif isinstance(layer, L.BatchNorm):
-            ops.append(("batchnorm", lambda s: s.batchnorm(), lambda h, s, v: h / v))
+            ops.append(("batchnorm", lambda s: s.batchnorm(), lambda h, s, v: h / v, {}))
         elif isinstance(layer, L.LayerNorm):
             # The convolutional networks' LayerNorm is GroupNorm(1, C) (propagation.nets).
-            ops.append(("groupnorm", lambda s: s.groupnorm(), lambda h, s, v: h / v))
+            ops.append(("groupnorm", lambda s: s.groupnorm(), lambda h, s, v: h / v, {}))
         elif not isinstance(layer, (L.ReLUWeight, L.ReLUScaledWS, L.ReLU, L.Linear)):
             raise NotImplementedError(f"{type(layer).__name__} has no position map")
     if convs:
@@ -458,13 +462,17 @@ def _ops(layers, convs, l, where):
     return ops
 
 
-def _forward(ops, state):
+def _forward(ops, state, walk=None, form=None):
+    """Runs ``ops`` on ``state``: (output, tape for _backward, the output's fluctuation form
+    where a finite-width ``walk`` (propagation.finite_positions) carries one)."""
     tape = []
-    for _, fwd, bwd in ops:
+    for name, fwd, bwd, info in ops:
         out, aux = fwd(state)
         tape.append((bwd, state, aux))
+        if walk is not None:
+            form = walk.op(name, info, fwd, state, out, form)
         state = out
-    return state, tape
+    return state, tape, form
 
 
 def _backward(tape, h):
@@ -474,7 +482,7 @@ def _backward(tape, h):
 
 
 def predict_positions(block, plan, geometry, input_second_moment=1.0, input_squared_mean=0.0,
-                      progress=False):
+                      progress=False, width=None):
     """A scheme's profile on a convolutional network, every map position by position.
 
     ``block`` and ``plan`` are the scheme's (``propagation.schemes``); ``geometry`` is the
@@ -491,7 +499,9 @@ def predict_positions(block, plan, geometry, input_second_moment=1.0, input_squa
     squared correlation between the batch's samples (:attr:`Population.mean_rho2`), "input" (4,)
     the same of block 0's input; "grad" (D + 1,) the squared gradient norm relative to the
     last merge's sum; "share" (D,) the part of each block input's gradient that came
-    through the branch.
+    through the branch. With ``width``, also "spread": the finite-width spread of every
+    skip and branch statistic (:mod:`propagation.finite_positions`), each convolution with
+    the output channels its geometry spec records, or ``width`` where it records none.
 
     Raises GeometryError where the network does not fit the theory: a map it does not have
     (a ReLU reading an input with a channel mean, a stem op other than conv, ReLU and
@@ -499,25 +509,38 @@ def predict_positions(block, plan, geometry, input_second_moment=1.0, input_squa
     """
     try:
         return _predict_positions(block, plan, geometry, input_second_moment,
-                                  input_squared_mean, progress)
+                                  input_squared_mean, progress, width)
     except NotImplementedError as err:
         raise GeometryError(str(err)) from None
 
 
 def _predict_positions(block, plan, geometry, input_second_moment=1.0, input_squared_mean=0.0,
-                       progress=False):
+                       progress=False, width=None):
     """:func:`predict_positions`, raising NotImplementedError where a map is missing."""
-    n, _, h, w = (int(v) for v in geometry["input_shape"])
+    n, c_in, h, w = (int(v) for v in geometry["input_shape"])
     state = Population.iid((h, w), n)
+    # The finite-width walk's realised-kernel excess: the input's c_in i.i.d. channels.
+    nu, chans = 1.0 / max(c_in, 1), c_in
     for spec in geometry.get("stem", ()):
         op = spec.get("op", "conv")
         if op == "relu":
-            state = state.relu()
+            out = state.relu()
+            if width is not None:
+                from .finite_positions import _relu_excess_slope
+                phi = _relu_excess_slope(state, out)
+                nu = phi * nu + (1.0 - phi) / chans
+            state = out
         elif op == "batchnorm":
             state = state.batchnorm()[0]
         elif op == "conv":
-            state = state.conv(spec.get("gain2", 1.0),
-                               standardised=spec.get("standardised", False), **_conv_args(spec))
+            gain2 = spec.get("gain2", 1.0)
+            out = state.conv(gain2, standardised=spec.get("standardised", False),
+                             **_conv_args(spec))
+            if width is not None:
+                from .finite_positions import _tap_transfer
+                chans = int(spec["channels"][1]) if spec.get("channels") else width
+                nu = nu * _tap_transfer(state, out, spec, gain2) + 1.0 / chans
+            state = out
         else:
             raise GeometryError(f"the stem's {op!r} has no position map (conv, relu, batchnorm)")
     state = state.condition(input_second_moment, input_squared_mean)
@@ -531,24 +554,39 @@ def _predict_positions(block, plan, geometry, input_second_moment=1.0, input_squ
 
     skip, branch, tapes = [], [], []
     first = stats(state)
+    walk = form = None
+    if width is not None:
+        from .finite_positions import PositionSpread, _Form, report
+        # Block 0's input is conditioned on its measured moments: no fluctuation of its own.
+        walk, form = PositionSpread(width), _Form(nu=nu)
+        spread_skip, spread_branch = [], []
     from tqdm import tqdm
     for l in tqdm(range(plan.depth), desc="positions", disable=not progress, leave=False):
         geo = blocks[l]
-        x = state
-        p, pre_tape = _forward(_ops(block.pre, (), l, "pre"), x)
-        b, branch_tape = _forward(_ops(block.branch, geo["branch"], l, "branch"), p)
+        x, form_x = state, form
+        p, pre_tape, form_p = _forward(_ops(block.pre, (), l, "pre"), x, walk, form_x)
+        b, branch_tape, form_b = _forward(_ops(block.branch, geo["branch"], l, "branch"), p,
+                                          walk, form_p)
         if plan.projection[l]:
-            s, proj_tape = _forward(_ops(block.projection, geo["projection"], l, "projection"), p)
+            s, proj_tape, form_s = _forward(_ops(block.projection, geo["projection"], l,
+                                                 "projection"), p, walk, form_p)
         else:
             if geo.get("projection"):
                 raise GeometryError(f"block {l} has a projection in the geometry but not in the plan")
-            s, proj_tape = x.scale(block.skip_gain ** 2), None
+            s, proj_tape, form_s = x.scale(block.skip_gain ** 2), None, form_x
         y = s + b
         skip.append(stats(s))
         branch.append(stats(b))
-        state, post_tape = _forward(_ops(block.post, (), l, "post"), y)
+        form_y = None
+        if walk is not None:
+            spread_skip.append(report(s, form_s))
+            spread_branch.append(report(b, form_b))
+            form_y = walk.merge(s, form_s, b, form_b, y)
+        state, post_tape, form = _forward(_ops(block.post, (), l, "post"), y, walk, form_y)
         tapes.append((pre_tape, branch_tape, proj_tape, post_tape))
     skip.append(stats(y))
+    if walk is not None:
+        spread_skip.append(report(y, form_y))
 
     # Backwards from a read-out of i.i.d. N(0, 1) weights at the last merge's sum.
     hy = np.ones(y.W.shape[0])
@@ -569,5 +607,8 @@ def _predict_positions(block, plan, geometry, input_second_moment=1.0, input_squ
         share[l] = min(from_branch.sum() / hx.sum(), 1.0) if hx.sum() > 0 else 0.0
         identity = proj_tape is None and block.skip_gain == 1.0
         grad[l] = (hx if identity else hy).sum() / total
-    return {"skip": np.array(skip), "branch": np.array(branch), "grad": grad, "share": share,
-            "input": first}
+    out = {"skip": np.array(skip), "branch": np.array(branch), "grad": grad, "share": share,
+           "input": first}
+    if walk is not None:
+        out["spread"] = (spread_skip, spread_branch)
+    return out

@@ -86,8 +86,11 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
             taken i.i.d. and pushed through the stem; its output is conditioned on the input
             moments (block 0's, as without positions, but the squared mean as the batch
             measures it: ``input_state(m, finite_batch=True)``). The squared means are those
-            a batch of the input's examples measures. Not with ``padding_factors``, ``width``
-            or ``batch``.
+            a batch of the input's examples measures. With ``width``, the finite-width
+            spread of the forward statistics over positions
+            (:mod:`propagation.finite_positions`): each convolution with the output
+            channels the geometry records, ``width`` where it records none; gradients keep
+            compare's band. Not with ``padding_factors`` or ``batch`` (the geometry's).
         **params: the scheme's own parameters (e.g. ``alpha`` for skipinit and nf).
 
     Transformer schemes (``propagation.sequence``: transformer_preln, transformer_postln,
@@ -127,11 +130,12 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
                    input_squared_mean, padding_factors, branch_gain, params)
     plan, block, q0, m0 = setup.plan, setup.block, setup.q0, setup.m0
     if positions is not None:
-        if padding_factors is not None or width is not None or batch is not None:
+        if padding_factors is not None or batch is not None:
             raise TypeError("positions takes the padding, the batch and the input from the "
-                            "geometry: not with padding_factors, width or batch (the "
-                            "finite-width spread covers networks without positions)")
-        return _profile_positions(setup, positions)
+                            "geometry: not with padding_factors or batch")
+        if width is not None:
+            width = _checks.positive_int("width", width)
+        return _profile_positions(setup, positions, width)
 
     if _resets(block, plan):
         prof = _profile_reset(block, plan, q0, m0)
@@ -163,10 +167,10 @@ def predict(depth: int, scheme: str = "batchnorm", *, stages: Optional[Sequence[
                          **({"width": width, "batch": batch} if width is not None else {})})
 
 
-def _profile_positions(setup, geometry):
+def _profile_positions(setup, geometry, width=None):
     from .positions import predict_positions
     plan, block = setup.plan, setup.block
-    out = predict_positions(block, plan, geometry, setup.q0, setup.m0)
+    out = predict_positions(block, plan, geometry, setup.q0, setup.m0, width=width)
     skip, branch, grad, share = out["skip"], out["branch"], out["grad"], out["share"]
 
     def stats(a):
@@ -175,13 +179,18 @@ def _profile_positions(setup, geometry):
     with np.errstate(divide="ignore"):
         g = Stats(np.log2(grad), np.full_like(grad, np.nan), np.full_like(grad, np.nan))
     batch = int(geometry["input_shape"][0])
+    spread = None
+    if width is not None:
+        from .finite_positions import build_spread
+        spread = build_spread(*out["spread"], g.log2_second_moment, width, batch)
     return Profile(skip=stats(skip), branch=stats(branch), grad=g, depth=plan.depth,
                    projection=plan.projection, source="theory", scheme=setup.name,
                    params=setup.profile_params, **_norms(block, plan.depth),
                    grad_branch_share=share, normalised=_normalised(block),
                    input_second_moment=float(out["input"][0]),
-                   input_squared_mean=float(out["input"][1]),
+                   input_squared_mean=float(out["input"][1]), spread=spread,
                    meta={"positions": True, "finite_batch": batch,
+                         **({"width": width} if width is not None else {}),
                          "sample_rho2_skip": skip[:, 3].tolist(),
                          "sample_rho2_branch": branch[:, 3].tolist(),
                          "input_second_moment": setup.q0, "input_squared_mean": setup.m0})

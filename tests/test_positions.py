@@ -260,12 +260,14 @@ def test_networks_without_a_position_map_fall_back_to_the_mean_factor():
     assert "padding_factors" in check.predict_kwargs and "positions" not in check.predict_kwargs
 
 
-def test_positions_take_no_mean_factor_or_width():
+def test_positions_take_no_mean_factor_or_batch():
     geo = _geometry(2)
     with pytest.raises(TypeError, match="positions"):
         propagation.predict(2, "none", project_first=False, positions=geo, padding_factors=[1, 1])
     with pytest.raises(TypeError, match="positions"):
-        propagation.predict(2, "none", project_first=False, positions=geo, width=64)
+        propagation.predict(2, "none", project_first=False, positions=geo, width=64, batch=4)
+    with pytest.raises(ValueError, match="width"):
+        propagation.predict(2, "none", project_first=False, positions=geo, width=0)
     with pytest.raises(ValueError, match="geometry has 2 blocks"):
         propagation.predict(3, "none", project_first=False, positions=geo)
 
