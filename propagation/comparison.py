@@ -442,6 +442,8 @@ def _spread_rows(theory, measured, quantities, seeds):
     from scipy.stats import chi2
     parts = []
     for q in quantities:
+        if q == "token_correlation":
+            continue  # no finite-width spread (sequence models keep their band)
         if q == "grad":
             parts.append(("grad", "second_moment"))
         else:

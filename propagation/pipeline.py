@@ -220,10 +220,19 @@ def check(model: Union[torch.nn.Module, Sequence[torch.nn.Module], Builder], inp
 
 def _finite_width(kwargs: Mapping[str, Any], measured: Profile, width: Optional[int]) -> dict:
     """``width`` and ``batch`` for the finite-width theory, where it applies: networks whose
-    merges hold one vector per input (MLPs; every statistic averages over the batch alone).
-    Convolutional and sequence tensors average over positions too, which are not exchangeable
-    with inputs; they keep the 7/n band of ``compare`` (README: finite width)."""
-    if "width" in kwargs or measured.samples_per_channel is None:
+    merges hold one vector per input (MLPs; every statistic averages over the batch alone),
+    and ``width`` for the position theory of convolutional networks
+    (:mod:`propagation.finite_positions`: second moments and squared means; the channel
+    variance and gradients keep compare's band). Sequence tensors average over tokens too,
+    which are not exchangeable with inputs; they keep the 7/n band of ``compare`` (README:
+    finite width)."""
+    if "width" in kwargs:
+        return {}
+    if "positions" in kwargs:
+        # The position theory's spread: each convolution's channels from the geometry.
+        width = width or measured.channels
+        return {} if width is None else {"width": int(width)}
+    if measured.samples_per_channel is None:
         return {}
     n = np.asarray(measured.samples_per_channel, dtype=np.float64)
     shape = measured.meta.get("input_shape")
