@@ -114,12 +114,14 @@ def _conv_net(scheme, params, width, depth):
 
 
 def conv_score(task, data):
-    """Calibration rows of one conv task's measurements (``_measure_conv``): the position
-    theory's profile (unconditioned: from the stem's output for N(0, 1) inputs) with the 7/n
-    band of ``compare`` (convolutional statistics average over positions, which the
-    finite-width theory does not cover). Per quantity: the share of (seed, block) values
-    within centre +- 1.645 sigma, and the worst |measured median - centre| in nats and in
-    standard errors (1.25 sigma / sqrt(S))."""
+    """Calibration rows of one conv task's measurements (``_measure_conv``), scored as
+    ``compare`` scores them: where the position theory's finite-width spread is valid
+    (``predict(..., positions=..., width=n)``, propagation/finite_positions.py: second
+    moments and squared means), its median and sigma; elsewhere (channel variances,
+    gradients, paths its walk marks as led by the realised kernel's excess) the 7/n band.
+    Per quantity: the share of (seed, block) values within centre +- 1.645 sigma (and
+    apart, over the spread's positions), and the worst |measured median - centre| in nats
+    and in standard errors (1.25 sigma / sqrt(S))."""
     import propagation as P
     from propagation import comparison, nets
     from propagation.positions import Population, _conv_args
@@ -133,7 +135,7 @@ def conv_score(task, data):
     for spec in geo["stem"]:
         stem = stem.conv(spec["gain2"], **_conv_args(spec))
     th = P.predict(**model.theory, positions=geo, input_second_moment=stem.q,
-                   input_squared_mean=stem.m)
+                   input_squared_mean=stem.m, width=width)
     for part, q in QUANT:
         meas = np.asarray(data[f"{part}/{q}"]) * math.log(2)  # ln(measured / theory)
         if part == "grad":
@@ -147,6 +149,16 @@ def conv_score(task, data):
         # its mean); where the theory is not finite (an exactly zero branch), nothing.
         centre = np.where(np.isfinite(pred),
                           -0.5 * sig ** 2 if q == "second_moment" else 0.0, np.nan)
+        spread = np.zeros(len(sig), dtype=bool)
+        if part != "grad":
+            med, sg = th.spread.part(part)
+            s_sig = getattr(sg, f"log2_{q}") * math.log(2)
+            spread = (getattr(th.spread, f"valid_{part}") & np.isfinite(s_sig)
+                      & np.isfinite(pred))
+            with np.errstate(invalid="ignore"):  # -inf - -inf: an exactly zero branch
+                centre = np.where(spread, getattr(med, f"log2_{q}") * math.log(2) - pred,
+                                  centre)
+            sig = np.where(spread, s_sig, sig)
         ok = np.isfinite(centre) & np.isfinite(meas).all(axis=0) & (sig > 0)
         if q == "squared_mean":
             # As compare: a squared mean below what `width` channels resolve
@@ -156,11 +168,15 @@ def conv_score(task, data):
         n_ok = int(ok.sum())
         inside = np.abs(meas - centre) <= 1.645 * sig
         cover = float(inside[:, ok].mean()) if n_ok else math.nan
+        on_spread = ok & spread
         dm = np.abs(np.median(meas, axis=0) - centre)
         se = 1.2533 * sig / math.sqrt(meas.shape[0])
         rows.append({"scheme": scheme + "".join(f"-{k}{v}" for k, v in params.items()),
                      "width": width, "depth": depth, "part": part, "quantity": q,
                      "coverage": cover, "positions": n_ok,
+                     "spread_positions": int(on_spread.sum()),
+                     "coverage_spread": float(inside[:, on_spread].mean())
+                     if on_spread.any() else math.nan,
                      "median_worst": float(np.max(dm[ok])) if n_ok else math.nan,
                      "median_worst_in_se": float(np.max(dm[ok] / se[ok])) if n_ok
                      else math.nan})
@@ -416,9 +432,11 @@ def main(argv=None):
             lines.append(f"| {r['scheme']} | {r['error']} gain | {r['caught_at'] or '> 1.5'} | "
                          f"{r['healthy_passes']} | {bands} |")
     lines += ["", f"Conv nets (ResNet-V2 basic blocks, two stages, width 32, batches "
-              f"{'x'.join(map(str, CONV_SHAPE))}, {args.seeds} seeds): the "
-              "position theory with compare's 7/n band (no finite-width theory for positions). "
-              "Share of values within centre +- 1.645 sigma; in brackets the worst "
+              f"{'x'.join(map(str, CONV_SHAPE))}, {args.seeds} seeds), scored as compare "
+              "scores them: the position theory's finite-width spread where it is valid (q "
+              "and m; propagation/finite_positions.py), compare's 7/n band elsewhere. Share "
+              "of values within centre +- 1.645 sigma; in brackets the share over the "
+              "spread's positions (k of n positions per seed), then the worst "
               "|median - centre| in nats and in standard errors.", ""]
     lines.append("| scheme | depth | " + " | ".join(keys) + " |")
     lines.append("|---|---:|" + "---:|" * len(keys))
@@ -429,8 +447,11 @@ def main(argv=None):
         cells = []
         for p, q in QUANT:
             r = rs[(p, q)]
+            spread = (f"spread {100 * r['coverage_spread']:.0f}% on "
+                      f"{r['spread_positions']}/{r['positions']}; " if r["spread_positions"]
+                      else "")
             cells.append("–" if not r["positions"] else
-                         f"{100 * r['coverage']:.0f}% ({r['median_worst']:.2f}, "
+                         f"{100 * r['coverage']:.0f}% ({spread}{r['median_worst']:.2f}, "
                          f"{r['median_worst_in_se']:.1f} se)")
         lines.append(f"| {s} | {d} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
