@@ -28,7 +28,7 @@ as a linear form over independent unit Gaussian sources. The maps:
   1 / C_in of it (an RGB batch: 1/3), a convolution passes (gain2 / T)^2 sum_{t, t'}
   wbar(t, t')^2 / q_out^2 of it (1 / T for a white input: ``_tap_transfer``) and adds 1 / n
   of its own, a ReLU keeps the share phi its slope carries and turns the rest of its
-  channels' own 1 / n into its own (``_relu_excess_slope``). One Scaled-WS conv reading a
+  channels' own 1 / n into its own (``_excess_share``). One Scaled-WS conv reading a
   ReLU of the stem (8 images of 3 x 16 x 16, width 32): nu_T = 0.0137 measured from the
   realised patches, against the mean kernel's 0.0007; its q's spread is 0.0235 nats over
   300 draws of the conv, 0.0251 by the realised patches' formula (on a ReLU of i.i.d.
@@ -67,7 +67,7 @@ What else this leaves out: each example's own deviation (the MLP theory's row mo
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -101,13 +101,17 @@ class _Form:
         return out
 
 
+def _rows(pop):
+    """The full kernel's row sums, K 1, per position (the same for every example)."""
+    return pop.W.sum(axis=1) + (pop.batch - 1) * pop.X.sum(axis=1)
+
+
 def _sums(pop):
     """(S, sum of squared kernel entries over sample pairs, row sums r (P,))."""
     n = pop.batch
     S = n * pop.W.shape[0]
     sq = n * float(np.sum(pop.W * pop.W)) + n * (n - 1) * float(np.sum(pop.X * pop.X))
-    r = pop.W.sum(axis=1) + (n - 1) * pop.X.sum(axis=1)
-    return S, sq, r
+    return S, sq, _rows(pop)
 
 
 def _log_rows(q, m):
@@ -130,16 +134,11 @@ def _gaussian_cov(pop):
     return C
 
 
-def _relu_cov(pop):
-    """Per-channel relative covariance of (q_in, m_in, q_out, m_out) for a ReLU of zero-mean
-    Gaussian channels with kernel ``pop`` (module docstring)."""
-    return _relu_pass(pop)[0]
-
-
 def _relu_pass(pop):
-    """One pass over a ReLU input's sample pairs: (the relative covariance of
-    :func:`_relu_cov`, the excess slope sum of :func:`_relu_excess_slope` before its
-    normalisation, d q_out / dc and d m_out / dc for a common offset c 11^T of the input)."""
+    """One pass over a ReLU input's sample pairs, for zero-mean Gaussian channels with
+    kernel ``pop`` (module docstring): (the per-channel relative covariance of (q_in, m_in,
+    q_out, m_out), the excess slope sum of :func:`_excess_share`, d q_out / dc and
+    d m_out / dc for a common offset c 11^T of the input)."""
     n, p = pop.batch, pop.W.shape[0]
     S = n * p
     sd = np.sqrt(np.maximum(np.diag(pop.W), 0.0))
@@ -189,7 +188,7 @@ def _relu_pass(pop):
         if w == n:
             dc_w = float(np.mean(np.diag(dK))) / two_pi
     pair_sums = acc / (S * S)
-    rows = pop.W.sum(axis=1) + (n - 1) * pop.X.sum(axis=1)
+    rows = _rows(pop)
     var_qo, var_y, c_yqo, c_qiqo, c_qiy, sq, slope_sum, dk_mean = pair_sums
     c_miqo = n * float(rows @ rows) / S ** 3
     c_miy = n * float(rows @ (rows * inv_sd)) / (_SQ2PI * S ** 3)
@@ -222,15 +221,11 @@ def _relu_pass(pop):
     return cov * np.outer(inv, inv), slope_sum, dc_w, dk_mean
 
 
-def _relu_excess_slope(s_in, s_out):
-    """The share phi of a ReLU input's realised-kernel excess its centred output holds: the
-    arc-cosine kernel's slope (pi - theta) / (2 pi) squared over the sample pairs, relative
-    to the output's centred second moment. The rest of the channels' own noise, (1 - phi) / n,
-    is the ReLU's."""
-    return _excess_share(_relu_pass(s_in)[1], s_out)
-
-
 def _excess_share(slope_sum, s_out):
+    """The share phi of a ReLU input's realised-kernel excess its centred output holds: the
+    arc-cosine kernel's slope (pi - theta) / (2 pi) squared over the sample pairs
+    (``slope_sum``), relative to the output's centred second moment. The rest of the
+    channels' own noise, (1 - phi) / n, is the ReLU's."""
     _, qc = _centred(s_out)
     return min(slope_sum / (qc * qc), 1.0) if qc > 0 else 0.0
 
@@ -295,7 +290,6 @@ class PositionSpread:
     def __init__(self, width: Optional[int]):
         self.width = width
         self._k = 0
-        self._ones: Dict[tuple, Tuple[float, float]] = {}
 
     def _fresh(self, cov) -> Dict[int, np.ndarray]:
         w, V = np.linalg.eigh(0.5 * (cov + cov.T))
@@ -345,8 +339,7 @@ class PositionSpread:
             spec = info["spec"]
             chans = spec.get("channels")
             n_out = self._channels(None if chans is None else chans[1])
-            J = self._conv_jacobian(fwd, s_in, s_out, spec, info["gain2"],
-                                    bool(info.get("standardised")))
+            J = _conv_jacobian(s_in, s_out, spec, info["gain2"], bool(info.get("standardised")))
             C = _gaussian_cov(s_out)
             # The input's realised kernel is not its mean: its excess, read through the taps,
             # adds to the output's squared entries (2 nu_T to q's relative variance).
@@ -364,22 +357,6 @@ class PositionSpread:
             return self._add(out, C / n_out)
         raise NotImplementedError(f"the op {name!r} has no finite-width map")
 
-    def _conv_jacobian(self, fwd, s_in, s_out, spec, gain2, standardised):
-        """A convolution is linear in its input's kernel: T(a K + c 11^T) = a T(K) + c T(11^T),
-        with T(11^T) cached per geometry; an input with a channel-mean function (Scaled WS
-        removes it in part) is read by :func:`_family`."""
-        from .positions import Population
-        if np.any(s_in.mu != 0.0):
-            return _conv_mu_jacobian(s_in, s_out, spec, gain2, standardised)
-        key = (id(fwd.__code__), repr(fwd.__defaults__), s_in.shape, s_in.batch)
-        if key not in self._ones:
-            p = s_in.W.shape[0]
-            ones = Population(np.ones((p, p)), np.ones((p, p)), np.zeros(p), s_in.shape,
-                              s_in.batch)
-            o, _ = fwd(ones)
-            self._ones[key] = (o.q, o.m)
-        return _offset_jacobian(s_in, s_out, *self._ones[key])
-
     def merge(self, s, fs: _Form, b, fb: _Form, y) -> _Form:
         """y = s + b, b's last weights independent of s."""
         n = self._channels(fb.n if fb.n is not None else fs.n)
@@ -394,8 +371,7 @@ class PositionSpread:
         N = s.batch
         S = N * s.W.shape[0]
         tr = N * float(np.sum(s.W * b.W)) + N * (N - 1) * float(np.sum(s.X * b.X))
-        rs = s.W.sum(axis=1) + (N - 1) * s.X.sum(axis=1)
-        rb = b.W.sum(axis=1) + (N - 1) * b.X.sum(axis=1)
+        rs, rb = _rows(s), _rows(b)
         C = np.zeros((2, 2))
         if ok_q:
             C[0, 0] = 4.0 * tr / (n * S * S * qy * qy)
@@ -408,20 +384,28 @@ class PositionSpread:
         return self._add(_Form(cols, n, nu, fs.excess_led or fb.excess_led), C)
 
 
-def _conv_mu_jacobian(s_in, s_out, spec, gain2, standardised):
-    """:func:`_family` of a convolution reading an input with a channel-mean function mu,
-    in closed form: the map is linear in the kernel (positively homogeneous: the rescaling
-    column is 1), and moving mu -> (1 + h) mu with K -> K + 2 h mu mu^T moves its output by
-    2 h [c sum_t (S_t mu)(S_t mu)^T - (c / T) leak leak^T] (c = gain2 / T; leak = sum_t S_t mu,
-    Scaled WS's border leak, only for Scaled WS), whose q and m are means over positions."""
+def _conv_jacobian(s_in, s_out, spec, gain2, standardised):
+    """A convolution's (ln q, ln m) Jacobian, in closed form. It is linear in its input's
+    kernel and positively homogeneous (the rescaling column is 1). With c = gain2 / T and
+    S_t v the input vector v read at tap t (zero out of bounds), a direction v v^T of the
+    input's kernel moves the output by c sum_t (S_t v)(S_t v)^T, whose q and m are means over
+    positions:
+    * an input with a channel-mean function mu (a ReLU's output): the offset is mu's scale,
+      mu -> (1 + h) mu with K -> K + 2 h mu mu^T, and Scaled WS also removes
+      (c / T) leak leak^T (leak = sum_t S_t mu, its border leak);
+    * otherwise a common offset c 11^T (v = 1: the in-bounds taps), which Scaled WS keeps
+      (a per-channel offset has no common part over the fan-in)."""
     from .positions import _conv_args, tap_index
     _, index = tap_index(s_in.shape, **_conv_args(spec))
     T = len(index)
     c = gain2 / T
-    mu = np.append(s_in.mu, 0.0)
-    taps = np.stack([mu[i] for i in index])            # (T, P_out): S_t mu
+    has_mu = bool(np.any(s_in.mu != 0.0))
+    v = np.append(s_in.mu if has_mu else np.ones(s_in.W.shape[0]), 0.0)
+    taps = np.stack([v[i] for i in index])               # (T, P_out): S_t v
     dq = c * float(np.sum(np.mean(taps ** 2, axis=1)))
     dm = c * float(np.sum(np.mean(taps, axis=1) ** 2))
+    if not has_mu:
+        return _offset_jacobian(s_in, s_out, dq, dm)
     if standardised:
         leak = taps.sum(axis=0)
         dq -= c / T * float(np.mean(leak ** 2))
@@ -466,28 +450,25 @@ def _tap_transfer(s_in, s_out, spec, gain2):
     for i in index:
         for j in index:
             total += float(np.mean(Wp[i, j])) ** 2
-    return (gain2 / T) ** 2 * total / (qo * qo) * 1.0
+    return (gain2 / T) ** 2 * total / (qo * qo)
 
 
 def report(pop, form: _Form):
-    """(median log2 (q, m, v), sigma log2 (q, m, v)) of a tensor: log-normal around the mean."""
-    q, m = pop.q, pop.m
-    v = q - m
-    P = form.cov()
-    ok_q, ok_m = _log_rows(q, m)
-    means = [q, m, v]
-    wv = np.array([q, -m]) / v if v > 1e-12 * max(q, 1e-300) else np.zeros(2)
-    ws = (np.array([1.0, 0.0]), np.array([0.0, 1.0]), wv)
+    """(median log2 (q, m, v), sigma log2 (q, m, v)) of a tensor: log-normal around the mean.
+    The channel variance q - m is not predicted (NaN): its spread lives in the kernel's shape
+    over positions (module docstring), so compare keeps its band there; nor is anything on
+    a path led by the excess."""
     med, sig = [], []
-    if form.excess_led:
-        return [math.log2(v) if v > 0 else -math.inf for v in means], [math.nan] * 3
-    for mean, w in zip(means, ws):
-        var = float(w @ P @ w)
-        with np.errstate(divide="ignore"):
-            lm = math.log2(mean) if mean > 0 else -math.inf
+    for mean, w in ((pop.q, np.array([1.0, 0.0])), (pop.m, np.array([0.0, 1.0]))):
+        lm = math.log2(mean) if mean > 0 else -math.inf
+        if form.excess_led:
+            med.append(lm)
+            sig.append(math.nan)
+            continue
+        var = float(w @ form.cov() @ w)
         med.append(lm - 0.5 * var / LN2 if np.isfinite(lm) else lm)
         sig.append(math.sqrt(max(var, 0.0)) / LN2)
-    return med, sig
+    return med + [math.nan], sig + [math.nan]
 
 
 def build_spread(skip_reports: List, branch_reports: List, grad_log2, width, batch):
@@ -504,11 +485,6 @@ def build_spread(skip_reports: List, branch_reports: List, grad_log2, width, bat
         # NaN (a path led by the excess) compares False: invalid.
         return np.array([bool(max(r[1][:2]) * LN2 < VALID_SIGMA) for r in rows], dtype=bool)
 
-    # The channel variance q - m is not predicted: its spread lives in the kernel's shape
-    # over positions (module docstring), so compare keeps its band there (NaN).
-    for rows in (skip_reports, branch_reports):
-        for r in rows:
-            r[0][2] = r[1][2] = math.nan
     g = np.asarray(grad_log2, dtype=np.float64)
     nan = np.full_like(g, np.nan)
     return Spread(skip_median=stats(skip_reports, 0), skip_sigma=stats(skip_reports, 1),

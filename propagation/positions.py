@@ -519,30 +519,27 @@ def _predict_positions(block, plan, geometry, input_second_moment=1.0, input_squ
     """:func:`predict_positions`, raising NotImplementedError where a map is missing."""
     n, c_in, h, w = (int(v) for v in geometry["input_shape"])
     state = Population.iid((h, w), n)
-    # The finite-width walk's realised-kernel excess: the input's c_in i.i.d. channels.
-    nu, chans = 1.0 / max(c_in, 1), c_in
+    walk = form = None
+    if width is not None:
+        from .finite_positions import PositionSpread, _Form, report
+        # The input's c_in i.i.d. channels: its realised kernel's excess is 1 / c_in.
+        walk, form = PositionSpread(width), _Form(n=c_in, nu=1.0 / max(c_in, 1))
     for spec in geometry.get("stem", ()):
         op = spec.get("op", "conv")
+        info: dict = {}
         if op == "relu":
             out = state.relu()
-            if width is not None:
-                from .finite_positions import _relu_excess_slope
-                phi = _relu_excess_slope(state, out)
-                nu = phi * nu + (1.0 - phi) / chans
-            state = out
         elif op == "batchnorm":
-            state = state.batchnorm()[0]
+            out = state.batchnorm()[0]
         elif op == "conv":
-            gain2 = spec.get("gain2", 1.0)
-            out = state.conv(gain2, standardised=spec.get("standardised", False),
-                             **_conv_args(spec))
-            if width is not None:
-                from .finite_positions import _tap_transfer
-                chans = int(spec["channels"][1]) if spec.get("channels") else width
-                nu = nu * _tap_transfer(state, out, spec, gain2) + 1.0 / chans
-            state = out
+            gain2, ws = spec.get("gain2", 1.0), spec.get("standardised", False)
+            out = state.conv(gain2, standardised=ws, **_conv_args(spec))
+            info = {"spec": spec, "gain2": gain2, "standardised": ws}
         else:
             raise GeometryError(f"the stem's {op!r} has no position map (conv, relu, batchnorm)")
+        if walk is not None:
+            form = walk.op(op, info, None, state, out, form)
+        state = out
     state = state.condition(input_second_moment, input_squared_mean)
     blocks = geometry["blocks"]
     if len(blocks) != plan.depth:
@@ -554,11 +551,10 @@ def _predict_positions(block, plan, geometry, input_second_moment=1.0, input_squ
 
     skip, branch, tapes = [], [], []
     first = stats(state)
-    walk = form = None
-    if width is not None:
-        from .finite_positions import PositionSpread, _Form, report
-        # Block 0's input is conditioned on its measured moments: no fluctuation of its own.
-        walk, form = PositionSpread(width), _Form(nu=nu)
+    if walk is not None:
+        # Block 0's input is conditioned on its measured moments: no fluctuation of its own,
+        # but the stem's realised-kernel excess.
+        form = _Form(nu=form.nu)
         spread_skip, spread_branch = [], []
     from tqdm import tqdm
     for l in tqdm(range(plan.depth), desc="positions", disable=not progress, leave=False):

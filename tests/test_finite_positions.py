@@ -66,7 +66,7 @@ def test_a_relu_s_joint_moments_match_monte_carlo(common_mean):
     r = np.maximum(y, 0.0)
     x = np.stack([(y ** 2).mean(1), y.mean(1) ** 2, (r ** 2).mean(1), r.mean(1) ** 2], axis=1)
     keep = slice(0, 3) if common_mean else slice(0, 4)
-    C = FP._relu_cov(pop)
+    C = FP._relu_pass(pop)[0]
     # The linearised m_out leaves out Cov(Z, d^2) with d = ybar - E ybar; d's part linear in
     # the input is xbar / 2 (Stein), so that term is Cov(Z, m_in) / 4 in absolute units:
     # C[Z, m_in] m_in / (4 m_out) relative (0.013 for m_in itself here, 5 standard errors
@@ -189,6 +189,6 @@ def test_a_conv_s_slope_in_closed_form_is_the_finite_difference(standardised):
         return s.conv(2.0, standardised=standardised, **args), None
 
     out = fwd(pop)[0]
-    closed = FP._conv_mu_jacobian(pop, out, spec, 2.0, standardised)
+    closed = FP._conv_jacobian(pop, out, spec, 2.0, standardised)
     numeric = FP._family(fwd, pop, out, homogeneous=True)
     assert np.allclose(closed, numeric, atol=1e-4), (closed, numeric)
